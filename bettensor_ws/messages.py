@@ -1,0 +1,339 @@
+"""Message classes and the registry that maps a wire ``type`` to a class.
+
+Every subclass that sets ``MESSAGE_TYPE`` registers itself when it is defined,
+attrs-decorated or not, so the seed's plain ``class CustomMessage(WebSocketMessage)``
+is decodable without further ceremony.
+"""
+
+from __future__ import annotations
+
+import inspect
+import uuid
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from types import MappingProxyType
+from typing import Any, ClassVar
+
+import attrs
+
+from .errors import DecodeError, MessageTypeConflict
+from .payloads import (
+    Confirmation,
+    ConfirmationResult,
+    TeamGame,
+    TeamGamePrediction,
+    structure_payload,
+)
+
+__all__ = [
+    "ConfirmationMessage",
+    "ErrorMessage",
+    "GameUpdateMessage",
+    "HeartbeatAckMessage",
+    "HeartbeatMessage",
+    "PredictionMessage",
+    "WebSocketMessage",
+    "WelcomeMessage",
+    "message_class",
+    "message_types",
+    "now_iso",
+    "new_nonce",
+]
+
+_REGISTRY: dict[str, type[WebSocketMessage]] = {}
+
+
+def now_iso() -> str:
+    """The current UTC time as the reference writes it (``isoformat`` with offset)."""
+    return datetime.now(UTC).isoformat()
+
+
+def new_nonce() -> str:
+    """A fresh nonce; random, so restarts and clock steps never repeat one."""
+    return uuid.uuid4().hex
+
+
+def message_types() -> Mapping[str, type[WebSocketMessage]]:
+    """A read-only view of the registered message types."""
+    return MappingProxyType(_REGISTRY)
+
+
+def message_class(message_type: str) -> type[WebSocketMessage]:
+    """The class registered for ``message_type``; DecodeError when there is none."""
+    try:
+        return _REGISTRY[message_type]
+    except KeyError:
+        raise DecodeError(f"unknown message type {message_type!r}") from None
+
+
+@attrs.define
+class WebSocketMessage:
+    """A signed envelope: ``type`` comes from the class, the rest are fields.
+
+    ``data`` stays the plain dict received, since the signature covers it as
+    sent; typed views such as ``PredictionMessage.prediction`` sit beside it.
+    """
+
+    MESSAGE_TYPE: ClassVar[str] = "message"
+
+    sender: str
+    data: dict[str, Any]
+    timestamp: str = attrs.field(factory=now_iso)
+    nonce: str = attrs.field(factory=new_nonce)
+    signature: str | None = None
+    _view: Any = attrs.field(default=None, init=False, eq=False, repr=False)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "MESSAGE_TYPE" in cls.__dict__:
+            _register(cls)
+
+    @property
+    def type(self) -> str:
+        return type(self).MESSAGE_TYPE
+
+    @classmethod
+    def validate_data(cls, data: dict[str, Any]) -> Any:
+        """Check ``data`` while decoding; raise DecodeError, or return a typed view to cache."""
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The wire envelope, with exactly the reference's keys."""
+        return {
+            "type": self.type,
+            "sender": self.sender,
+            "data": self.data,
+            "timestamp": self.timestamp,
+            "nonce": self.nonce,
+            "signature": self.signature,
+        }
+
+    def _typed(self) -> Any:
+        if self._view is None:
+            self._view = type(self).validate_data(self.data)
+        return self._view
+
+
+def _register(cls: type[WebSocketMessage]) -> None:
+    message_type = cls.__dict__["MESSAGE_TYPE"]
+    if not isinstance(message_type, str) or not message_type:
+        raise TypeError(f"{cls.__qualname__}.MESSAGE_TYPE must be a non-empty string")
+    taken = _REGISTRY.get(message_type)
+    if taken is not None and (taken.__module__, taken.__qualname__) != (
+        cls.__module__,
+        cls.__qualname__,
+    ):
+        raise MessageTypeConflict(
+            f"message type {message_type!r} is already registered to "
+            f"{taken.__module__}.{taken.__qualname__}"
+        )
+    _REGISTRY[message_type] = cls
+    _INIT_PARAMS.pop(cls, None)
+
+
+_ENVELOPE_FIELDS = ("sender", "data", "timestamp", "nonce", "signature")
+_INIT_PARAMS: dict[type[WebSocketMessage], tuple[frozenset[str], bool]] = {}
+
+
+def build_message(
+    cls: type[WebSocketMessage],
+    sender: str,
+    data: dict[str, Any],
+    timestamp: str,
+    nonce: str,
+    signature: str | None,
+) -> WebSocketMessage:
+    """Construct ``cls`` through its own ``__init__``, then set the envelope fields.
+
+    A plain subclass may define ``__init__(self, sender, data)`` (the seed's
+    CustomMessage); calling it keeps its extra attributes, such as ``priority``.
+    """
+    params = _INIT_PARAMS.get(cls)
+    if params is None:
+        params = _init_params(cls)
+        _INIT_PARAMS[cls] = params
+    accepted, takes_kwargs = params
+    values: dict[str, Any] = {
+        "sender": sender,
+        "data": data,
+        "timestamp": timestamp,
+        "nonce": nonce,
+        "signature": signature,
+    }
+    kwargs = values if takes_kwargs else {k: v for k, v in values.items() if k in accepted}
+    message = cls(**kwargs)
+    for name in _ENVELOPE_FIELDS:
+        if name not in kwargs:
+            setattr(message, name, values[name])
+    return message
+
+
+def _init_params(cls: type[WebSocketMessage]) -> tuple[frozenset[str], bool]:
+    signature = inspect.signature(cls)
+    names = frozenset(signature.parameters)
+    takes_kwargs = any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()
+    )
+    required = {
+        name
+        for name, p in signature.parameters.items()
+        if p.default is inspect.Parameter.empty
+        and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    }
+    unknown = required - set(_ENVELOPE_FIELDS)
+    if unknown:
+        raise TypeError(
+            f"{cls.__qualname__}.__init__ requires {sorted(unknown)}; "
+            "a message class may only require envelope fields"
+        )
+    return names, takes_kwargs
+
+
+def _prediction_view(raw: Any, path: str) -> TeamGamePrediction:
+    if isinstance(raw, dict) and "prediction_id" not in raw and "id" in raw:
+        raw = {**raw, "prediction_id": raw["id"]}
+    result: TeamGamePrediction = structure_payload(raw, TeamGamePrediction, path)
+    return result
+
+
+@attrs.define
+class PredictionMessage(WebSocketMessage):
+    """A miner's prediction, or a batch of them as ``{"predictions": [...]}``.
+
+    A single prediction may carry ``id`` instead of ``prediction_id`` (the seed
+    reads ``.get("id")``); ``data`` keeps whichever the miner sent.
+    """
+
+    MESSAGE_TYPE: ClassVar[str] = "prediction"
+
+    @classmethod
+    def validate_data(cls, data: dict[str, Any]) -> list[TeamGamePrediction]:
+        batch = data.get("predictions")
+        if isinstance(batch, list) and "prediction_id" not in data and "id" not in data:
+            return [_prediction_view(item, f"data.predictions[{i}]") for i, item in enumerate(batch)]
+        return [_prediction_view(data, "data")]
+
+    @property
+    def is_batch(self) -> bool:
+        return isinstance(self.data.get("predictions"), list) and not (
+            "prediction_id" in self.data or "id" in self.data
+        )
+
+    @property
+    def predictions(self) -> list[TeamGamePrediction]:
+        """Every prediction this message carries (one, or a batch)."""
+        views: list[TeamGamePrediction] = self._typed()
+        return views
+
+    @property
+    def prediction(self) -> TeamGamePrediction:
+        """The single prediction; for a batch, the first."""
+        return self.predictions[0]
+
+    def raw_predictions(self) -> list[dict[str, Any]]:
+        """The prediction dicts as the miner sent them."""
+        if self.is_batch:
+            return list(self.data["predictions"])
+        return [self.data]
+
+
+@attrs.define
+class ConfirmationMessage(WebSocketMessage):
+    """A validator's answer: one confirmation, or ``{"results": [...]}`` for a batch."""
+
+    MESSAGE_TYPE: ClassVar[str] = "confirmation"
+
+    @classmethod
+    def validate_data(cls, data: dict[str, Any]) -> Any:
+        results = data.get("results")
+        if isinstance(results, list) and "status" not in data:
+            return [
+                structure_payload(item, ConfirmationResult, f"data.results[{i}]")
+                for i, item in enumerate(results)
+            ]
+        return structure_payload(data, Confirmation, "data")
+
+    @property
+    def is_batch(self) -> bool:
+        return isinstance(self.data.get("results"), list) and "status" not in self.data
+
+    @property
+    def confirmation(self) -> Confirmation:
+        """The single confirmation (for a batch, the first result as a Confirmation)."""
+        view = self._typed()
+        if isinstance(view, list):
+            first: ConfirmationResult = view[0]
+            return Confirmation(
+                status=first.status,
+                prediction_id=first.prediction_id,
+                message=first.message,
+                timestamp=self.data.get("timestamp"),
+            )
+        result: Confirmation = view
+        return result
+
+    @property
+    def results(self) -> list[ConfirmationResult]:
+        """Every (prediction_id, status, message) this message answers."""
+        view = self._typed()
+        if isinstance(view, list):
+            return view
+        return [ConfirmationResult(view.prediction_id or "", view.status, view.message)]
+
+
+@attrs.define
+class GameUpdateMessage(WebSocketMessage):
+    """Games pushed by a validator: ``{"games": [...], "timestamp": ...}``."""
+
+    MESSAGE_TYPE: ClassVar[str] = "game_update"
+
+    @classmethod
+    def validate_data(cls, data: dict[str, Any]) -> list[TeamGame]:
+        games = data.get("games", [])
+        if not isinstance(games, list):
+            raise DecodeError("data.games: expected a list")
+        return [structure_payload(g, TeamGame, f"data.games[{i}]") for i, g in enumerate(games)]
+
+    @property
+    def games(self) -> list[TeamGame]:
+        views: list[TeamGame] = self._typed()
+        return views
+
+
+@attrs.define
+class HeartbeatMessage(WebSocketMessage):
+    MESSAGE_TYPE: ClassVar[str] = "heartbeat"
+
+
+@attrs.define
+class HeartbeatAckMessage(WebSocketMessage):
+    MESSAGE_TYPE: ClassVar[str] = "heartbeat_ack"
+
+
+@attrs.define
+class WelcomeMessage(WebSocketMessage):
+    """Sent by a validator once a miner has authenticated; lists its ``features``."""
+
+    MESSAGE_TYPE: ClassVar[str] = "welcome"
+
+    @property
+    def features(self) -> frozenset[str]:
+        raw = self.data.get("features")
+        return frozenset(f for f in raw if isinstance(f, str)) if isinstance(raw, list) else frozenset()
+
+
+@attrs.define
+class ErrorMessage(WebSocketMessage):
+    """A refusal that names what was wrong in ``data["message"]``."""
+
+    MESSAGE_TYPE: ClassVar[str] = "error"
+
+    @classmethod
+    def validate_data(cls, data: dict[str, Any]) -> None:
+        if not isinstance(data.get("message", ""), str):
+            raise DecodeError("data.message: expected a string")
+        return None
+
+    @property
+    def message(self) -> str:
+        return str(self.data.get("message", ""))

@@ -1,0 +1,173 @@
+"""sr25519 signatures in the reference's format, for envelopes and auth frames.
+
+The signed text is ``json.dumps(envelope_without_signature, sort_keys=True)``
+with the standard library's default separators and ``ensure_ascii``: that exact
+text is what reference peers sign and verify, so it is built with ``json`` here,
+never with the faster codec used for the wire.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections.abc import Callable, Iterable
+from functools import lru_cache
+from typing import Any, Protocol
+
+import attrs
+
+from .errors import AuthError
+from .messages import WebSocketMessage, new_nonce, now_iso
+from .replay import ReplayGuard, parse_timestamp
+
+__all__ = [
+    "AuthInfo",
+    "Signer",
+    "build_auth",
+    "check_auth",
+    "sign",
+    "sign_dict",
+    "signed_text",
+    "verify",
+    "verify_dict",
+]
+
+REASON_MALFORMED = "malformed auth frame"
+REASON_BAD_SIGNATURE = "bad signature"
+REASON_NOT_REGISTERED = "hotkey not registered"
+REASON_AUTH_TIMEOUT = "auth timeout"
+AUTH_KEYS = ("hotkey", "timestamp", "nonce", "signature")
+
+
+class Signer(Protocol):
+    """What signing needs of a ``bittensor_wallet.Keypair``."""
+
+    @property
+    def ss58_address(self) -> str: ...
+
+    def sign(self, data: str | bytes) -> bytes: ...
+
+
+def signed_text(unsigned: dict[str, Any]) -> str:
+    """The exact text a signature covers (reference-compatible)."""
+    return json.dumps(unsigned, sort_keys=True)
+
+
+@lru_cache(maxsize=8192)
+def _verifier(ss58_address: str) -> Any:
+    from bittensor_wallet import Keypair
+
+    return Keypair(ss58_address=ss58_address)
+
+
+def _check(ss58_address: str, text: str, signature_hex: str) -> bool:
+    if not isinstance(signature_hex, str) or not isinstance(ss58_address, str):
+        return False
+    try:
+        signature = bytes.fromhex(signature_hex.removeprefix("0x"))
+        if len(signature) != 64:
+            return False
+        return bool(_verifier(ss58_address).verify(text, signature))
+    except Exception:  # malformed address or signature: simply not valid
+        return False
+
+
+def sign(message: WebSocketMessage, keypair: Signer) -> WebSocketMessage:
+    """A signed copy of ``message``: sender, timestamp and nonce are set afresh."""
+    signed = copy.copy(message)
+    signed.sender = keypair.ss58_address
+    signed.timestamp = now_iso()
+    signed.nonce = new_nonce()
+    envelope = signed.to_dict()
+    del envelope["signature"]
+    signed.signature = keypair.sign(signed_text(envelope)).hex()
+    return signed
+
+
+def verify(message: WebSocketMessage) -> bool:
+    """True when the signature is the sender's over exactly these fields."""
+    if not message.signature:
+        return False
+    envelope = message.to_dict()
+    del envelope["signature"]
+    return _check(message.sender, signed_text(envelope), message.signature)
+
+
+def sign_dict(envelope: dict[str, Any], keypair: Signer) -> dict[str, Any]:
+    """Sign a plain envelope or auth dict in place of its ``signature`` key."""
+    unsigned = {k: v for k, v in envelope.items() if k != "signature"}
+    return {**unsigned, "signature": keypair.sign(signed_text(unsigned)).hex()}
+
+
+def verify_dict(frame: dict[str, Any], address_key: str = "sender") -> bool:
+    """Verify a plain dict signed over all its keys but ``signature``."""
+    unsigned = {k: v for k, v in frame.items() if k != "signature"}
+    return _check(frame.get(address_key), signed_text(unsigned), frame.get("signature", ""))  # type: ignore[arg-type]
+
+
+@attrs.frozen
+class AuthInfo:
+    """What an accepted auth frame established."""
+
+    hotkey: str
+    nonce: str
+    timestamp: str
+    features: frozenset[str] = frozenset()
+
+
+def build_auth(
+    keypair: Signer,
+    *,
+    features: Iterable[str] | None = None,
+    timestamp: str | None = None,
+    nonce: str | None = None,
+) -> dict[str, Any]:
+    """A client's first frame. ``features`` is added as a key the signature covers."""
+    frame: dict[str, Any] = {
+        "hotkey": keypair.ss58_address,
+        "timestamp": timestamp or now_iso(),
+        "nonce": nonce or new_nonce(),
+    }
+    if features:
+        frame["features"] = sorted(features)
+    return sign_dict(frame, keypair)
+
+
+def check_auth(
+    frame: Any,
+    *,
+    guard: ReplayGuard | None = None,
+    window: float = 300.0,
+    now: float | None = None,
+    allowed: Callable[[str], bool] | None = None,
+) -> AuthInfo:
+    """Accept an auth frame or raise AuthError with the reason to send back.
+
+    Order: shape, timestamp, signature, registration, then the nonce, so a
+    forged frame never spends a slot in the replay guard.
+    """
+    if not isinstance(frame, dict) or any(not isinstance(frame.get(k), str) for k in AUTH_KEYS):
+        raise AuthError(f"{REASON_MALFORMED}: needs string fields {', '.join(AUTH_KEYS)}")
+    now = time.time() if now is None else now
+    try:
+        sent_at = parse_timestamp(frame["timestamp"])
+    except (ValueError, OverflowError):
+        raise AuthError(f"{REASON_MALFORMED}: timestamp is not ISO-8601") from None
+    limit = guard.window if guard is not None else window
+    if sent_at < now - limit:
+        raise AuthError(f"stale timestamp ({now - sent_at:.0f}s old)")
+    if sent_at > now + limit:
+        raise AuthError(f"future timestamp ({sent_at - now:.0f}s ahead)")
+    if not verify_dict(frame, "hotkey"):
+        raise AuthError(REASON_BAD_SIGNATURE)
+    hotkey = frame["hotkey"]
+    if allowed is not None and not allowed(hotkey):
+        raise AuthError(REASON_NOT_REGISTERED)
+    if guard is not None:
+        reason = guard.check(hotkey, "auth:" + frame["nonce"], frame["timestamp"], now=now)
+        if reason is not None:
+            raise AuthError(reason)
+    raw = frame.get("features")
+    features = frozenset(f for f in raw if isinstance(f, str)) if isinstance(raw, list) else frozenset()
+    return AuthInfo(hotkey, frame["nonce"], frame["timestamp"], features)

@@ -7,6 +7,7 @@ sans-IO; the Trio runtime builds on it.
 from __future__ import annotations
 
 from .codec import decode, encode
+from .connection import Connection, LinkClosed
 from .dispatch import Dispatcher, echo_handler
 from .errors import AuthError, DecodeError, MessageTypeConflict
 from .messages import (
@@ -20,10 +21,12 @@ from .messages import (
     WelcomeMessage,
     message_types,
 )
+from .miner import MinerWebSocketManager
 from .payloads import Confirmation, ConfirmationResult, TeamGame, TeamGamePrediction
 from .ratelimit import TokenBucket
 from .replay import ReplayGuard
 from .signing import AuthInfo, build_auth, check_auth, sign, verify
+from .validator import ValidatorWebSocketManager
 
 __version__ = "0.1.0"
 
@@ -33,18 +36,22 @@ __all__ = [
     "Confirmation",
     "ConfirmationMessage",
     "ConfirmationResult",
+    "Connection",
     "DecodeError",
     "Dispatcher",
     "ErrorMessage",
     "GameUpdateMessage",
     "HeartbeatAckMessage",
     "HeartbeatMessage",
+    "LinkClosed",
     "MessageTypeConflict",
+    "MinerWebSocketManager",
     "PredictionMessage",
     "ReplayGuard",
     "TeamGame",
     "TeamGamePrediction",
     "TokenBucket",
+    "ValidatorWebSocketManager",
     "WebSocketMessage",
     "WelcomeMessage",
     "build_auth",

@@ -39,9 +39,26 @@ def loads_checked(raw: str | bytes, *, max_size: int = DEFAULT_MAX_SIZE) -> Any:
             raise DecodeError(f"nesting too deep (more than {MAX_DEPTH} levels)") from None
         if "infinity" in text.lower():
             raise DecodeError(f"non-finite number: {text}") from None
+        literal = _non_finite_literal(raw, exc.pos)
+        if literal is not None:
+            raise DecodeError(f"non-finite number {literal} is not JSON: {text}") from None
         raise DecodeError(f"invalid JSON: {text}") from None
     _check_tree(value)
     return value
+
+
+def _non_finite_literal(raw: bytes | bytearray | memoryview, pos: int) -> str | None:
+    """The NaN/Infinity token (Python's ``json.dumps`` writes them) where orjson stopped."""
+    try:
+        text = bytes(raw).decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if pos > 0 and text.startswith("-Infinity", pos - 1):  # orjson stops after the sign
+        return "-Infinity"
+    for literal in ("NaN", "Infinity"):
+        if text.startswith(literal, pos):
+            return literal
+    return None
 
 
 def _check_tree(value: Any) -> None:

@@ -76,6 +76,11 @@ def _check(ss58_address: str, text: str, signature_hex: str) -> bool:
 def sign(message: WebSocketMessage, keypair: Signer) -> WebSocketMessage:
     """A signed copy of ``message``: sender, timestamp and nonce are set afresh."""
     signed = copy.copy(message)
+    # attrs' slotted __getstate__ copies only the fields: keep the attributes a
+    # plain subclass sets in its own __init__ (the seed's CustomMessage.priority).
+    extra = getattr(message, "__dict__", None)
+    if extra:
+        signed.__dict__.update(extra)
     signed.sender = keypair.ss58_address
     signed.timestamp = now_iso()
     signed.nonce = new_nonce()

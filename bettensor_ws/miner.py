@@ -1,0 +1,303 @@
+"""The miner side: one supervised, self-healing link to each validator."""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+import trio
+from trio_websocket import (
+    ConnectionClosed,
+    HandshakeError,
+    WebSocketConnection,
+    wrap_client_stream,
+)
+
+from .backoff import Backoff
+from .codec import decode, encode, loads_checked
+from .connection import (
+    CLOSE_NORMAL,
+    CLOSE_POLICY,
+    Connection,
+    ConnectionSettings,
+    LinkClosed,
+    close_quietly,
+    hold_transport,
+)
+from .dispatch import Dispatcher, Handler
+from .errors import DecodeError
+from .messages import WebSocketMessage, WelcomeMessage
+from .outbound import Frame
+from .replay import ReplayGuard
+from .replies import to_message
+from .signing import Signer, build_auth, sign, verify
+from .stats import Stats
+
+__all__ = ["HandshakeRefused", "MinerWebSocketManager", "StreamOpener"]
+
+log = logging.getLogger("bettensor_ws.miner")
+
+StreamOpener = Callable[[str], Awaitable[trio.abc.Stream]]
+ConnectHook = Callable[[Connection], Awaitable[None]]
+
+FEATURES: tuple[str, ...] = ()
+
+
+class HandshakeRefused(Exception):
+    """The validator refused us, or proved not to be who we expected."""
+
+
+class MinerWebSocketManager:
+    """Holds a connection to every listed validator, reconnecting with backoff.
+
+    ``validators`` pairs each validator's ss58 hotkey with its URL
+    (``ws://host:port/ws``); the Welcome must be signed by that hotkey, so a
+    miner never talks to an impostor. Start it with ``await nursery.start(miner.run)``.
+    """
+
+    def __init__(
+        self,
+        keypair: Signer,
+        validators: Iterable[tuple[str, str]] = (),
+        *,
+        heartbeat_interval: float = 60.0,
+        connection_timeout: float = 300.0,
+        reconnect_base_interval: float = 1.0,
+        max_reconnect_interval: float = 60.0,
+        stable_after: float = 30.0,
+        connect_timeout: float = 10.0,
+        send_timeout: float = 10.0,
+        max_message_size: int = 16 << 20,
+        handler_concurrency: int = 1,
+        replay_window: float = 300.0,
+        ssl_context: ssl.SSLContext | None = None,
+        features: Iterable[str] = FEATURES,
+        stream_opener: StreamOpener | None = None,
+    ) -> None:
+        self.keypair = keypair
+        self.hotkey: str = keypair.ss58_address
+        self.validators: dict[str, str] = dict(validators)
+        self.reconnect_base_interval = reconnect_base_interval
+        self.max_reconnect_interval = max_reconnect_interval
+        self.stable_after = stable_after
+        self.connect_timeout = connect_timeout
+        self.max_message_size = max_message_size
+        self.ssl_context = ssl_context
+        self.features = tuple(features)
+        self.settings = ConnectionSettings(
+            heartbeat_interval=heartbeat_interval,
+            connection_timeout=connection_timeout,
+            send_timeout=send_timeout,
+            max_message_size=max_message_size,
+            rate_limit=None,
+            handler_concurrency=handler_concurrency,
+            reply_errors=False,
+        )
+        self.dispatcher = Dispatcher()
+        self.guard = ReplayGuard(replay_window)
+        self._stats = Stats()
+        self._open_stream = stream_opener or self._open_tcp
+        self._connections: dict[str, Connection] = {}
+        self._connect_hooks: list[ConnectHook] = []
+        self._changed = trio.Event()
+        self.last_error: dict[str, str] = {}
+
+    # ---- configuration ---------------------------------------------------------------------
+
+    def register_handler(self, message_type: str, handler: Handler) -> None:
+        """Handle ``message_type`` with ``async def handler(websocket, message)``."""
+        self.dispatcher.register_handler(message_type, handler)
+
+    def unregister_handler(self, message_type: str) -> Handler | None:
+        return self.dispatcher.unregister_handler(message_type)
+
+    def on_connect(self, hook: ConnectHook) -> None:
+        """Run ``await hook(connection)`` after each successful handshake (resend here)."""
+        self._connect_hooks.append(hook)
+
+    # ---- state -----------------------------------------------------------------------------
+
+    @property
+    def connected_validators(self) -> list[str]:
+        return list(self._connections)
+
+    def connection(self, validator_hotkey: str) -> Connection | None:
+        return self._connections.get(validator_hotkey)
+
+    def stats(self) -> dict[str, Any]:
+        return self._stats.snapshot(len(self._connections))
+
+    async def wait_connected(self, validator_hotkey: str | None = None) -> None:
+        """Wait until connected to that validator, or to any when None."""
+        while not (
+            self._connections if validator_hotkey is None else validator_hotkey in self._connections
+        ):
+            await self._changed.wait()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    # ---- sending ---------------------------------------------------------------------------
+
+    async def send(
+        self, message: WebSocketMessage | dict[str, Any], validator_hotkey: str | None = None
+    ) -> list[str]:
+        """Sign once and queue for that validator, or every connected one; returns who got it."""
+        signed = sign(to_message(message, self.hotkey), self.keypair)
+        frame = Frame(signed.type, encode(signed))
+        targets = (
+            list(self._connections.items())
+            if validator_hotkey is None
+            else [(validator_hotkey, c) for c in [self._connections.get(validator_hotkey)] if c]
+        )
+        delivered = []
+        for hotkey, conn in targets:
+            try:
+                await conn.send_frame(frame)
+            except LinkClosed:
+                continue
+            delivered.append(hotkey)
+        await trio.lowlevel.checkpoint()
+        return delivered
+
+    # ---- running ---------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Supervise one link per validator until cancelled."""
+        async with trio.open_nursery() as nursery:
+            for hotkey, url in self.validators.items():
+                nursery.start_soon(self._supervise, hotkey, url, name=f"supervise {hotkey[:8]}")
+            task_status.started()
+
+    async def _supervise(self, validator_hotkey: str, url: str) -> None:
+        backoff = Backoff(self.reconnect_base_interval, self.max_reconnect_interval)
+        attempts = 0
+        while True:
+            started = trio.current_time()
+            try:
+                await self._connect_once(validator_hotkey, url)
+            except* HandshakeRefused as group:
+                self._failed(validator_hotkey, str(group.exceptions[0]))
+            except* (OSError, ConnectionClosed, HandshakeError, trio.TooSlowError,
+                     trio.BrokenResourceError, trio.ClosedResourceError) as group:
+                self._failed(validator_hotkey, f"{type(group.exceptions[0]).__name__}: {group.exceptions[0]}")
+            except* Exception:
+                log.exception("link to validator %s failed", validator_hotkey)
+                self.last_error[validator_hotkey] = "internal error"
+            if trio.current_time() - started >= self.stable_after:
+                backoff.reset()
+            attempts += 1
+            if attempts > 1 or backoff.failures:
+                self._stats.reconnects += 1
+            delay = backoff.next_delay()
+            log.info("reconnecting to %s in %.1fs", validator_hotkey, delay)
+            await trio.sleep(delay)
+
+    def _failed(self, validator_hotkey: str, reason: str) -> None:
+        self.last_error[validator_hotkey] = reason
+        self._stats.reject(reason)
+        log.warning("link to validator %s: %s", validator_hotkey, reason)
+
+    async def _open_tcp(self, url: str) -> trio.abc.Stream:
+        parts = urlsplit(url)
+        secure = parts.scheme == "wss"
+        host = parts.hostname or "127.0.0.1"
+        port = parts.port or (443 if secure else 80)
+        if secure:
+            context = self.ssl_context or ssl.create_default_context()
+            return await trio.open_ssl_over_tcp_stream(host, port, ssl_context=context)
+        return await trio.open_tcp_stream(host, port)
+
+    def _opener(self, url: str) -> Callable[[trio.Nursery], Awaitable[WebSocketConnection]]:
+        parts = urlsplit(url)
+        resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+
+        async def open_ws(nursery: trio.Nursery) -> WebSocketConnection:
+            with trio.fail_after(self.connect_timeout):
+                stream = await self._open_stream(url)
+                try:
+                    return await wrap_client_stream(
+                        nursery,
+                        stream,  # type: ignore[arg-type]  # any trio Stream works
+                        parts.hostname or "localhost",
+                        resource,
+                        message_queue_size=4,
+                        max_message_size=self.max_message_size,
+                    )
+                except BaseException:
+                    await trio.aclose_forcefully(stream)
+                    raise
+
+        return open_ws
+
+    async def _connect_once(self, validator_hotkey: str, url: str) -> None:
+        async with trio.open_nursery() as nursery:
+            ws, hold = await nursery.start(hold_transport, self._opener(url))
+            conn: Connection | None = None
+            try:
+                conn = await self._handshake(ws, validator_hotkey)
+                await self._run_connection(conn)
+            finally:
+                code, reason = (conn.close_code, conn.close_reason) if conn else (CLOSE_POLICY, "")
+                await close_quietly(ws, code, reason, self.settings.close_timeout)
+                hold.cancel()
+
+    async def _handshake(self, ws: WebSocketConnection, validator_hotkey: str) -> Connection:
+        """Authenticate, then insist that the Welcome is signed by the expected validator."""
+        await ws.send_message(orjson.dumps(build_auth(self.keypair, features=self.features)).decode())
+        with trio.fail_after(self.connect_timeout):
+            raw = await ws.get_message()
+        try:
+            frame = loads_checked(raw, max_size=self.max_message_size)
+        except DecodeError as exc:
+            raise HandshakeRefused(f"unreadable answer to auth: {exc}") from None
+        if isinstance(frame, dict) and frame.get("status") == "error" and "type" not in frame:
+            raise HandshakeRefused(f"validator refused auth: {frame.get('message', '')}")
+        try:
+            welcome = decode(raw, max_size=self.max_message_size)
+        except DecodeError as exc:
+            raise HandshakeRefused(f"unreadable welcome: {exc}") from None
+        if not isinstance(welcome, WelcomeMessage):
+            raise HandshakeRefused(f"expected a welcome, got {welcome.type!r}")
+        if welcome.sender != validator_hotkey or not verify(welcome):
+            raise HandshakeRefused("welcome not signed by the expected validator hotkey")
+        problem = self.guard.check(welcome.sender, welcome.nonce, welcome.timestamp)
+        if problem is not None:
+            raise HandshakeRefused(f"welcome refused: {problem}")
+        return Connection(
+            ws,
+            keypair=self.keypair,
+            peer_hotkey=validator_hotkey,
+            features=welcome.features & frozenset(self.features),
+            dispatcher=self.dispatcher,
+            guard=self.guard,
+            stats=self._stats,
+            settings=self.settings,
+        )
+
+    async def _run_connection(self, conn: Connection) -> None:
+        self._connections[conn.hotkey] = conn
+        self._stats.connections_total += 1
+        self.last_error.pop(conn.hotkey, None)
+        self._notify()
+        log.info("connected to validator %s", conn.hotkey)
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(conn.run)
+                for hook in self._connect_hooks:
+                    try:
+                        await hook(conn)
+                    except LinkClosed:
+                        break
+                await conn.closed.wait()
+        finally:
+            if self._connections.get(conn.hotkey) is conn:
+                del self._connections[conn.hotkey]
+                self._notify()
+            if conn.close_code != CLOSE_NORMAL:
+                log.info("link to %s ended (%d %s)", conn.hotkey, conn.close_code, conn.close_reason)

@@ -1,0 +1,81 @@
+"""A connection's bounded send queue: replies go ahead of broadcasts."""
+
+from __future__ import annotations
+
+import attrs
+import trio
+
+__all__ = ["Frame", "OutboundQueue"]
+
+
+@attrs.frozen
+class Frame:
+    """An encoded frame waiting for the writer; ``type`` is kept for stats and logs."""
+
+    type: str
+    text: str
+
+
+class OutboundQueue:
+    """Two bounded memory channels and one wake-up.
+
+    Replies (confirmations, errors, heartbeat acks) apply backpressure to the
+    task producing them; broadcasts never wait: a full queue refuses them and
+    records since when it has been full, so a slow peer can be told apart.
+    """
+
+    def __init__(self, replies: int = 256, broadcasts: int = 256) -> None:
+        self._reply_send, self._reply_recv = trio.open_memory_channel[Frame](replies)
+        self._bcast_send, self._bcast_recv = trio.open_memory_channel[Frame](broadcasts)
+        self._ready = trio.Event()
+        self.full_since: float | None = None
+
+    async def put_reply(self, frame: Frame) -> None:
+        await self._reply_send.send(frame)
+        self._ready.set()
+
+    def put_reply_nowait(self, frame: Frame) -> bool:
+        try:
+            self._reply_send.send_nowait(frame)
+        except trio.WouldBlock:
+            return False
+        self._ready.set()
+        return True
+
+    def put_broadcast_nowait(self, frame: Frame) -> bool:
+        try:
+            self._bcast_send.send_nowait(frame)
+        except trio.WouldBlock:
+            if self.full_since is None:
+                self.full_since = trio.current_time()
+            return False
+        self._ready.set()
+        return True
+
+    def pending(self) -> int:
+        return (
+            self._reply_send.statistics().current_buffer_used
+            + self._bcast_send.statistics().current_buffer_used
+        )
+
+    async def get(self) -> Frame:
+        """The next frame, replies first; waits while both are empty."""
+        while True:
+            try:
+                frame = self._reply_recv.receive_nowait()
+            except trio.WouldBlock:
+                try:
+                    frame = self._bcast_recv.receive_nowait()
+                except trio.WouldBlock:
+                    self._ready = trio.Event()
+                    await self._ready.wait()
+                    continue
+                self.full_since = None
+            return frame
+
+    def close(self) -> None:
+        """Wake any producer blocked on a full queue: sending now raises ClosedResourceError."""
+        self._reply_send.close()
+        self._bcast_send.close()
+        self._reply_recv.close()
+        self._bcast_recv.close()

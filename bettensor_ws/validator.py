@@ -1,0 +1,307 @@
+"""The validator side: accept miners, authenticate them, serve their connections."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import ssl
+import time
+from collections.abc import Awaitable, Callable, Collection, Iterable
+from typing import Any
+
+import orjson
+import trio
+from trio_websocket import ConnectionClosed, WebSocketRequest, wrap_server_stream
+
+from .codec import encode, loads_checked
+from .connection import (
+    CLOSE_NORMAL,
+    CLOSE_POLICY,
+    Connection,
+    ConnectionSettings,
+    LinkClosed,
+    close_quietly,
+    hold_transport,
+)
+from .dispatch import Dispatcher, Handler
+from .errors import AuthError, DecodeError
+from .messages import GameUpdateMessage, WebSocketMessage, WelcomeMessage, now_iso
+from .outbound import Frame
+from .payloads import TeamGame, converter
+from .replay import ReplayGuard
+from .replies import to_message
+from .signing import REASON_AUTH_TIMEOUT, REASON_MALFORMED, Signer, check_auth, sign
+from .stats import Stats
+
+__all__ = ["ValidatorWebSocketManager"]
+
+log = logging.getLogger("bettensor_ws.validator")
+
+ConnectHook = Callable[[Connection], Awaitable[None]]
+
+FEATURES: tuple[str, ...] = ()
+
+
+def _hotkeys_of(metagraph: Any) -> frozenset[str] | None:
+    if metagraph is None:
+        return None
+    hotkeys = getattr(metagraph, "hotkeys", metagraph)
+    return frozenset(str(h) for h in hotkeys)
+
+
+class ValidatorWebSocketManager:
+    """Serves miners on ``ws://host:port/ws``.
+
+    ``metagraph`` is anything with ``.hotkeys`` (a Bittensor metagraph), a
+    collection of ss58 addresses, or None to admit any hotkey that proves its
+    key. Start it with ``await nursery.start(validator.serve)``.
+    """
+
+    def __init__(
+        self,
+        keypair: Signer,
+        metagraph: Any = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        heartbeat_interval: float = 60.0,
+        connection_timeout: float = 300.0,
+        auth_timeout: float = 10.0,
+        max_message_size: int = 1 << 20,
+        rate_limit: float = 50.0,
+        rate_burst: int = 200,
+        send_timeout: float = 10.0,
+        handler_concurrency: int = 1,
+        replay_window: float = 300.0,
+        ssl_context: ssl.SSLContext | None = None,
+        features: Iterable[str] = FEATURES,
+    ) -> None:
+        self.keypair = keypair
+        self.hotkey: str = keypair.ss58_address
+        self.host = host
+        self.port = port
+        self.auth_timeout = auth_timeout
+        self.max_message_size = max_message_size
+        self.ssl_context = ssl_context
+        self.features = tuple(features)
+        self.settings = ConnectionSettings(
+            heartbeat_interval=heartbeat_interval,
+            connection_timeout=connection_timeout,
+            send_timeout=send_timeout,
+            max_message_size=max_message_size,
+            rate_limit=rate_limit,
+            rate_burst=rate_burst,
+            handler_concurrency=handler_concurrency,
+            reply_errors=True,
+        )
+        self.dispatcher = Dispatcher()
+        self.guard = ReplayGuard(replay_window)
+        self._stats = Stats()
+        self._allowed = _hotkeys_of(metagraph)
+        self._connections: dict[str, Connection] = {}
+        self._connect_hooks: list[ConnectHook] = []
+        self._last_games_digest: str | None = None
+        self.listening = trio.Event()
+
+    # ---- configuration ---------------------------------------------------------------------
+
+    def register_handler(self, message_type: str, handler: Handler) -> None:
+        """Handle ``message_type`` with ``async def handler(websocket, message)``."""
+        self.dispatcher.register_handler(message_type, handler)
+
+    def unregister_handler(self, message_type: str) -> Handler | None:
+        return self.dispatcher.unregister_handler(message_type)
+
+    def on_connect(self, hook: ConnectHook) -> None:
+        """Run ``await hook(connection)`` right after each miner's Welcome."""
+        self._connect_hooks.append(hook)
+
+    def is_registered(self, hotkey: str) -> bool:
+        return self._allowed is None or hotkey in self._allowed
+
+    def refresh_metagraph(self, metagraph: Any) -> list[str]:
+        """Adopt a new metagraph; close connections of hotkeys no longer registered."""
+        self._allowed = _hotkeys_of(metagraph)
+        dropped = [h for h in self._connections if not self.is_registered(h)]
+        for hotkey in dropped:
+            self._connections[hotkey].close(CLOSE_POLICY, "Hotkey no longer registered")
+        return dropped
+
+    # ---- state -----------------------------------------------------------------------------
+
+    @property
+    def connected_hotkeys(self) -> list[str]:
+        return list(self._connections)
+
+    def connection(self, hotkey: str) -> Connection | None:
+        return self._connections.get(hotkey)
+
+    def stats(self) -> dict[str, Any]:
+        return self._stats.snapshot(len(self._connections))
+
+    # ---- sending ---------------------------------------------------------------------------
+
+    def _signed_frame(self, message: WebSocketMessage | dict[str, Any]) -> Frame:
+        signed = sign(to_message(message, self.hotkey), self.keypair)
+        return Frame(signed.type, encode(signed))
+
+    async def broadcast(self, message: WebSocketMessage | dict[str, Any]) -> int:
+        """Send to every authenticated miner; signed and encoded once, never waits on one."""
+        frame = self._signed_frame(message)
+        sent = sum(conn.offer_broadcast(frame) for conn in list(self._connections.values()))
+        await trio.lowlevel.checkpoint()
+        return sent
+
+    async def broadcast_game_updates(self, games: Iterable[TeamGame | dict[str, Any]]) -> int | None:
+        """Broadcast games; None (skipped) when identical to the last update sent."""
+        rows = [converter.unstructure(g) if isinstance(g, TeamGame) else dict(g) for g in games]
+        digest = hashlib.sha256(orjson.dumps(rows, option=orjson.OPT_SORT_KEYS)).hexdigest()
+        if digest == self._last_games_digest:
+            await trio.lowlevel.checkpoint()
+            return None
+        self._last_games_digest = digest
+        return await self.broadcast(
+            GameUpdateMessage(sender=self.hotkey, data={"games": rows, "timestamp": now_iso()})
+        )
+
+    async def send_to(self, hotkey: str, message: WebSocketMessage | dict[str, Any]) -> bool:
+        """Queue ``message`` for one miner; False when it is not connected."""
+        conn = self._connections.get(hotkey)
+        if conn is None:
+            await trio.lowlevel.checkpoint()
+            return False
+        try:
+            await conn.send_message(to_message(message, self.hotkey))
+        except LinkClosed:
+            return False
+        return True
+
+    # ---- serving ---------------------------------------------------------------------------
+
+    async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen until cancelled; ``task_status.started(port)`` once accepting.
+
+        Cancelling closes every connection with 1001 within about a second.
+        """
+        if self.ssl_context is not None:
+            listeners: list[Any] = await trio.open_ssl_over_tcp_listeners(
+                self.port, self.ssl_context, host=self.host
+            )
+        else:
+            listeners = await trio.open_tcp_listeners(self.port, host=self.host)
+        self.port = listeners[0].socket.getsockname()[1] if self.ssl_context is None else (
+            listeners[0].transport_listener.socket.getsockname()[1]
+        )
+        log.info("listening on %s://%s:%d/ws", "wss" if self.ssl_context else "ws", self.host, self.port)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(trio.serve_listeners, self.handle_stream, listeners)
+            self.listening.set()
+            task_status.started(self.port)
+
+    async def handle_stream(self, stream: trio.abc.Stream) -> None:
+        """Serve one transport stream (TCP, TLS, or in-memory in tests).
+
+        Whatever happens on this connection is logged and ends here: no error
+        reaches the server's nursery.
+        """
+        try:
+            async with trio.open_nursery() as nursery:
+                request, hold = await nursery.start(hold_transport, self._open_request(stream))
+                try:
+                    await self._serve_request(request)
+                finally:
+                    hold.cancel()
+        except* (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
+            log.debug("connection dropped during setup or close")
+        except* trio.TooSlowError:
+            log.info("peer sent no WebSocket upgrade in time")
+        except* Exception:
+            log.exception("connection handler failed")
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(stream)
+
+    def _open_request(self, stream: trio.abc.Stream) -> Callable[[trio.Nursery], Awaitable[WebSocketRequest]]:
+        async def open_request(nursery: trio.Nursery) -> WebSocketRequest:
+            with trio.fail_after(self.auth_timeout):
+                return await wrap_server_stream(
+                    nursery, stream, message_queue_size=4, max_message_size=self.max_message_size
+                )
+
+        return open_request
+
+    async def _serve_request(self, request: WebSocketRequest) -> None:
+        if request.path.split("?", 1)[0] != "/ws":
+            await request.reject(404, body=b"not found: the endpoint is /ws\n")
+            return
+        ws = await request.accept()
+        conn: Connection | None = None
+        try:
+            conn = await self._authenticate(ws)
+            if conn is None:
+                return
+            await self._run_connection(conn)
+        finally:
+            code, reason = (conn.close_code, conn.close_reason) if conn else (CLOSE_POLICY, "")
+            if conn is not None or not ws.closed:
+                await close_quietly(ws, code, reason, self.settings.close_timeout)
+
+    async def _authenticate(self, ws: Any) -> Connection | None:
+        """Read and check the auth frame; on failure answer the reference's bare error."""
+        raw: str | bytes | None = None
+        with trio.move_on_after(self.auth_timeout):
+            raw = await ws.get_message()
+        try:
+            if raw is None:
+                raise AuthError(REASON_AUTH_TIMEOUT)
+            try:
+                frame = loads_checked(raw, max_size=self.max_message_size)
+            except DecodeError as exc:
+                raise AuthError(f"{REASON_MALFORMED}: {exc}") from None
+            info = check_auth(frame, guard=self.guard, allowed=self.is_registered, now=time.time())
+        except AuthError as exc:
+            self._stats.reject(exc.reason)
+            log.warning("refused a miner: %s", exc.reason)
+            await ws.send_message(orjson.dumps({"status": "error", "message": exc.reason}).decode())
+            await close_quietly(ws, CLOSE_POLICY, exc.reason, self.settings.close_timeout)
+            return None
+        return Connection(
+            ws,
+            keypair=self.keypair,
+            peer_hotkey=info.hotkey,
+            features=info.features & frozenset(self.features),
+            dispatcher=self.dispatcher,
+            guard=self.guard,
+            stats=self._stats,
+            settings=self.settings,
+        )
+
+    async def _run_connection(self, conn: Connection) -> None:
+        old = self._connections.get(conn.hotkey)
+        if old is not None:
+            log.info("replacing the connection of %s", conn.hotkey)
+            old.close(CLOSE_NORMAL, "New connection established")
+        self._connections[conn.hotkey] = conn
+        self._stats.connections_total += 1
+        log.info("miner %s connected", conn.hotkey)
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(conn.run)
+                welcome: dict[str, Any] = {"message": "Connection established", "status": "success"}
+                if self.features:
+                    welcome["features"] = list(self.features)
+                try:
+                    await conn.send_message(WelcomeMessage(sender=self.hotkey, data=welcome))
+                    for hook in self._connect_hooks:
+                        await hook(conn)
+                except LinkClosed:
+                    pass
+                await conn.closed.wait()
+        finally:
+            if self._connections.get(conn.hotkey) is conn:
+                del self._connections[conn.hotkey]
+            log.info("miner %s disconnected (%d %s)", conn.hotkey, conn.close_code, conn.close_reason)
+
+    def serving(self, hotkeys: Collection[str]) -> bool:
+        """True when every one of ``hotkeys`` is connected."""
+        return all(h in self._connections for h in hotkeys)

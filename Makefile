@@ -21,7 +21,7 @@ test: lint
 	$(BIN)/pytest
 
 demo: venv
-	$(BIN)/python -m bettensor_ws.demo
+	$(BIN)/bettensor-ws demo
 
 bench: venv
 	$(BIN)/python benchmarks/micro.py

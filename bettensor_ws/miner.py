@@ -176,7 +176,6 @@ class MinerWebSocketManager:
 
     async def _supervise(self, validator_hotkey: str, url: str) -> None:
         backoff = Backoff(self.reconnect_base_interval, self.max_reconnect_interval)
-        attempts = 0
         while True:
             started = trio.current_time()
             try:
@@ -191,12 +190,10 @@ class MinerWebSocketManager:
                 self.last_error[validator_hotkey] = "internal error"
             if trio.current_time() - started >= self.stable_after:
                 backoff.reset()
-            attempts += 1
-            if attempts > 1 or backoff.failures:
-                self._stats.reconnects += 1
             delay = backoff.next_delay()
             log.info("reconnecting to %s in %.1fs", validator_hotkey, delay)
             await trio.sleep(delay)
+            self._stats.reconnects += 1
 
     def _failed(self, validator_hotkey: str, reason: str) -> None:
         self.last_error[validator_hotkey] = reason

@@ -1,0 +1,299 @@
+"""The ``bettensor-ws`` command: validator, miner, demo, status.
+
+Bad input (unreadable files, missing wallets, a port in use, a bad URL) prints
+one line on stderr and exits 2; a traceback means a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import signal
+import sqlite3
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+from urllib.parse import urlsplit
+
+import trio
+
+from .signing import Signer
+
+__all__ = ["main"]
+
+log = logging.getLogger("bettensor_ws.cli")
+
+
+class UsageError(Exception):
+    """Something the operator can fix; printed as one line, exit 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _add_wallet(parser: argparse.ArgumentParser, default_uri: str | None = None) -> None:
+    group = parser.add_argument_group("identity (one of)")
+    group.add_argument("--hotkey-uri", help="development key, e.g. //Alice")
+    group.add_argument("--wallet.name", dest="wallet_name", help="Bittensor wallet name")
+    group.add_argument("--wallet.hotkey", dest="wallet_hotkey", default="default", help="hotkey name")
+    group.add_argument("--wallet.path", dest="wallet_path", default="~/.bittensor/wallets/", help="wallets folder")
+
+
+def load_keypair(args: argparse.Namespace) -> Signer:
+    """The hotkey from ``--hotkey-uri`` or a real Bittensor wallet on disk."""
+    from bittensor_wallet import Keypair, Wallet
+
+    if args.hotkey_uri:
+        try:
+            keypair: Signer = Keypair.create_from_uri(args.hotkey_uri)
+        except Exception as exc:
+            raise UsageError(f"invalid --hotkey-uri {args.hotkey_uri!r}: {exc}") from None
+        return keypair
+    if not args.wallet_name:
+        raise UsageError("no identity: give --hotkey-uri URI or --wallet.name NAME [--wallet.hotkey H]")
+    path = Path(args.wallet_path).expanduser()
+    hotkey_file = path / args.wallet_name / "hotkeys" / args.wallet_hotkey
+    if not hotkey_file.is_file():
+        raise UsageError(f"wallet hotkey not found: {hotkey_file}")
+    try:
+        wallet = Wallet(name=args.wallet_name, hotkey=args.wallet_hotkey, path=str(path))
+        keypair = wallet.hotkey
+    except Exception as exc:
+        raise UsageError(f"cannot load wallet hotkey {hotkey_file}: {exc}") from None
+    return keypair
+
+
+def _read_allow_file(path: str) -> list[str]:
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read allow file {path}: {exc}") from None
+    return [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+
+
+def _parse_validator_arg(value: str) -> tuple[str, str]:
+    url, sep, hotkey = value.rpartition("@")
+    parts = urlsplit(url)
+    if not sep or not hotkey or parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise UsageError(f"bad --validator {value!r}: expected ws://HOST:PORT/ws@SS58")
+    try:
+        parts.port  # noqa: B018  (raises on a malformed port)
+    except ValueError:
+        raise UsageError(f"bad --validator {value!r}: invalid port") from None
+    from bittensor_wallet import Keypair
+
+    try:
+        Keypair(ss58_address=hotkey)
+    except Exception:
+        raise UsageError(f"bad --validator {value!r}: {hotkey!r} is not an ss58 address") from None
+    return hotkey, url
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="bettensor-ws", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: every frame)")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    v = sub.add_parser("validator", help="serve miners: check, store and confirm predictions")
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=int, default=8765)
+    v.add_argument("--db", default="validator.db")
+    v.add_argument("--games", help="JSON list of TeamGame objects (default: a simulated feed)")
+    v.add_argument("--allow-file", help="allowed miner hotkeys, one ss58 a line")
+    v.add_argument("--heartbeat-interval", type=float, default=60.0)
+    v.add_argument("--connection-timeout", type=float, default=300.0)
+    v.add_argument("--max-message-size", type=int, default=1 << 20)
+    v.add_argument("--rate-limit", type=float, default=50.0)
+    v.add_argument("--rate-burst", type=int, default=200)
+    v.add_argument("--feed-games", type=int, default=20, help="games in the simulated feed")
+    v.add_argument("--feed-interval", type=float, default=5.0, help="seconds between simulated updates")
+    _add_wallet(v)
+
+    m = sub.add_parser("miner", help="predict on game updates and deliver to validators")
+    m.add_argument("--validator", action="append", required=True, metavar="ws://HOST:PORT/ws@SS58")
+    m.add_argument("--db", default="miner.db")
+    m.add_argument("--wager", type=float, default=1.0)
+    m.add_argument("--heartbeat-interval", type=float, default=60.0)
+    m.add_argument("--connection-timeout", type=float, default=300.0)
+    _add_wallet(m)
+
+    d = sub.add_parser("demo", help="a validator and miners on loopback, then a summary")
+    d.add_argument("--miners", type=int, default=8)
+    d.add_argument("--games", type=int, default=20)
+    d.add_argument("--duration", type=float, default=20.0)
+
+    s = sub.add_parser("status", help="counts from a miner or validator database")
+    s.add_argument("--db", required=True)
+    return parser
+
+
+async def _until_signalled(nursery: trio.Nursery) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info("received %s, shutting down", signal.Signals(signum).name)
+            nursery.cancel_scope.cancel()
+            return
+
+
+async def run_validator(args: argparse.Namespace) -> None:
+    from .feed import SimulatedFeed, load_games_file
+    from .node import ValidatorNode
+
+    keypair = load_keypair(args)
+    games: list[dict[str, Any]] | None = None
+    if args.games:
+        try:
+            games = load_games_file(args.games)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    allowed = _read_allow_file(args.allow_file) if args.allow_file else None
+    node = _open_store(
+        lambda: ValidatorNode(
+            keypair, args.db, allowed, host=args.host, port=args.port,
+            heartbeat_interval=args.heartbeat_interval, connection_timeout=args.connection_timeout,
+            max_message_size=args.max_message_size, rate_limit=args.rate_limit,
+            rate_burst=args.rate_burst,
+        ),
+        args.db,
+    )
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_until_signalled, nursery)
+            try:
+                port = await nursery.start(node.serve)
+            except* OSError as group:
+                error = _leaf(group)
+                if isinstance(error, OSError) and error.errno == errno.EADDRINUSE:
+                    raise UsageError(f"port {args.port} on {args.host} is in use") from None
+                raise UsageError(f"cannot listen on {args.host}:{args.port}: {error}") from None
+            scheme = "wss" if node.ssl_context else "ws"
+            print(f"listening on {scheme}://{args.host}:{port}/ws", flush=True)
+            print(f"validator hotkey {node.hotkey}", flush=True)
+            if games is not None:
+                await node.update_games(games)
+            else:
+                feed = SimulatedFeed(args.feed_games)
+                await node.update_games(feed.tick(0))
+                nursery.start_soon(_run_feed, node, feed, args.feed_interval)
+    finally:
+        node.close()
+
+
+async def _run_feed(node: Any, feed: Any, interval: float) -> None:
+    while True:
+        await trio.sleep(interval)
+        await node.update_games(feed.tick())
+
+
+def _open_store(factory: Any, path: str) -> Any:
+    try:
+        return factory()
+    except (sqlite3.Error, RuntimeError, OSError) as exc:
+        raise UsageError(f"cannot open database {path}: {exc}") from None
+
+
+async def run_miner(args: argparse.Namespace) -> None:
+    from .node import MinerNode
+
+    validators = [_parse_validator_arg(v) for v in args.validator]
+    if not args.wager > 0:
+        raise UsageError("--wager must be a positive number")
+    keypair = load_keypair(args)
+    node = _open_store(
+        lambda: MinerNode(
+            keypair, validators, args.db, wager=args.wager,
+            heartbeat_interval=args.heartbeat_interval, connection_timeout=args.connection_timeout,
+        ),
+        args.db,
+    )
+    print(f"miner hotkey {node.hotkey}", flush=True)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_until_signalled, nursery)
+            await nursery.start(node.run)
+    finally:
+        node.close()
+
+
+def run_status(args: argparse.Namespace) -> None:
+    from .store import MinerStore, ValidatorStore
+
+    path = Path(args.db)
+    if not path.is_file():
+        raise UsageError(f"no database at {path}")
+    try:
+        probe = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        tables = {r[0] for r in probe.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        probe.close()
+    except sqlite3.Error as exc:
+        raise UsageError(f"cannot read database {path}: {exc}") from None
+    if "deliveries" in tables:
+        miner = MinerStore(path)
+        totals = miner.counts()
+        for state in ("pending", "confirmed", "rejected"):
+            print(f"{state} {totals[state]}")
+        for validator in miner.validators():
+            counts = miner.counts(validator)
+            print(f"validator {validator}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+        rejections = miner.latest_rejections()
+        if rejections:
+            print("latest rejections:")
+            for pid, validator, reason in rejections:
+                print(f"  {pid} by {validator}: {reason}")
+        miner.close()
+    elif "predictions" in tables:
+        validator_store = ValidatorStore(path)
+        rows = validator_store.per_miner()
+        print(f"predictions {sum(n for _, n, _ in rows)}")
+        for hotkey, count, wagered in rows:
+            print(f"miner {hotkey}: predictions {count}, wagered {wagered:g}")
+        validator_store.close()
+    else:
+        raise UsageError(f"{path} is not a bettensor-ws database")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    problem: str | None = None
+    code = 0
+    try:
+        if args.command == "validator":
+            trio.run(run_validator, args)
+        elif args.command == "miner":
+            trio.run(run_miner, args)
+        elif args.command == "demo":
+            from .demo import run_demo
+
+            code = trio.run(run_demo, args.miners, args.games, args.duration)
+        else:
+            run_status(args)
+    except* UsageError as group:
+        problem = str(_leaf(group))
+    except* KeyboardInterrupt:
+        pass
+    if problem is not None:
+        print(f"bettensor-ws: {problem}", file=sys.stderr)
+        return 2
+    return code
+
+
+def _leaf(error: BaseException) -> BaseException:
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
+
+
+if __name__ == "__main__":
+    sys.exit(main())

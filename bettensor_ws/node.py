@@ -1,0 +1,293 @@
+"""The runnable node: managers with stores, Bettensor's rules and a durable outbox.
+
+:class:`ValidatorNode` checks, stores and confirms predictions;
+:class:`MinerNode` predicts on game updates and never loses a prediction: each
+is written, pending for every validator, before it is sent, and resent on
+every (re)connect until that validator has answered it.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from .connection import Connection, LinkClosed
+from .messages import (
+    ConfirmationMessage,
+    GameUpdateMessage,
+    PredictionMessage,
+    WebSocketMessage,
+    now_iso,
+)
+from .miner import MinerWebSocketManager
+from .payloads import TeamGame, converter
+from .ratelimit import TokenBucket
+from .rules import DAILY_WAGER_LIMIT
+from .signing import Signer
+from .store import DbThread, MinerStore, ValidatorStore
+from .validator import ValidatorWebSocketManager
+
+__all__ = ["MinerNode", "Strategy", "ValidatorNode", "favourite_strategy"]
+
+log = logging.getLogger("bettensor_ws.node")
+
+BATCH = "batch"
+
+
+class ValidatorNode(ValidatorWebSocketManager):
+    """A validator manager with a SQLite store and the seed's prediction flow.
+
+    Validate, store, confirm: a success confirmation leaves only after its
+    prediction is committed. Batches (``{"predictions": [...]}``) are answered
+    by one confirmation listing a result per prediction, in order.
+    """
+
+    def __init__(self, keypair: Signer, db_path: str | Path, metagraph: Any = None, **kwargs: Any) -> None:
+        kwargs.setdefault("features", (BATCH,))
+        super().__init__(keypair, metagraph, **kwargs)
+        self.store = ValidatorStore(db_path)
+        self.db = DbThread()
+        self.register_handler("prediction", self.handle_prediction)
+        self.on_connect(self.send_upcoming_games)
+
+    async def handle_prediction(self, websocket: Connection, message: WebSocketMessage) -> None:
+        assert isinstance(message, PredictionMessage)
+        results = await self.db.run(self.store.submit, websocket.hotkey, message.raw_predictions())
+        if message.is_batch:
+            reply: dict[str, Any] = {"type": "confirmation", "results": results, "timestamp": now_iso()}
+        else:
+            reply = {"type": "confirmation", **results[0], "timestamp": now_iso()}
+        await websocket.send_json(reply)
+
+    async def send_upcoming_games(self, connection: Connection) -> None:
+        """Right after Welcome: every active game not yet started, as one update."""
+        games = await self.db.run(self.store.upcoming_games)
+        if games:
+            await connection.send_message(
+                GameUpdateMessage(sender=self.hotkey, data={"games": games, "timestamp": now_iso()})
+            )
+
+    async def update_games(self, games: Iterable[TeamGame | dict[str, Any]]) -> int | None:
+        """Store games, then broadcast them; returns how many miners got the update."""
+        rows = [converter.unstructure(g) if isinstance(g, TeamGame) else dict(g) for g in games]
+        await self.db.run(self.store.upsert_games, rows)
+        return await self.broadcast_game_updates(rows)
+
+    def close(self) -> None:
+        self.store.close()
+
+
+Strategy = Callable[[Sequence[dict[str, Any]]], list[dict[str, Any]]]
+
+
+def favourite_strategy(wager: float = 1.0, miner_uid: str = "0", model_name: str | None = None) -> Strategy:
+    """Wager ``wager`` on the favourite (lowest odds) of each game."""
+
+    def predict(games: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        predictions = []
+        for game in games:
+            choices = [(game.get("team_a_odds"), game["team_a"]), (game.get("team_b_odds"), game["team_b"])]
+            if game.get("can_tie"):
+                choices.append((game.get("tie_odds"), "Tie"))
+            valid = [(o, name) for o, name in choices if isinstance(o, int | float) and o > 0]
+            if not valid:
+                continue
+            odds, outcome = min(valid, key=lambda c: c[0])
+            predictions.append(
+                {
+                    "prediction_id": str(uuid.uuid4()),
+                    "game_id": str(game["game_id"]),
+                    "miner_uid": miner_uid,
+                    "prediction_date": now_iso(),
+                    "predicted_outcome": outcome,
+                    "predicted_odds": float(odds),
+                    "team_a": game["team_a"],
+                    "team_b": game["team_b"],
+                    "wager": float(wager),
+                    "team_a_odds": game.get("team_a_odds"),
+                    "team_b_odds": game.get("team_b_odds"),
+                    "tie_odds": game.get("tie_odds"),
+                    "model_name": model_name,
+                    "confidence_score": None,
+                    "outcome": "Unfinished",
+                    "payout": 0.0,
+                }
+            )
+        return predictions
+
+    return predict
+
+
+class _Outbox:
+    """One validator's in-flight window: what was sent and not yet answered."""
+
+    def __init__(self) -> None:
+        self.inflight: dict[str, float] = {}
+        self.wake = trio.Event()
+
+    def poke(self) -> None:
+        self.wake.set()
+
+
+class MinerNode(MinerWebSocketManager):
+    """A miner manager with a SQLite store, the seed's handlers and a durable outbox.
+
+    The outbox keeps at most ``window`` predictions in flight per validator,
+    sends batches to validators that offer them, and paces single messages
+    under the validator's default rate limit; anything unanswered after
+    ``retry_after`` seconds, or refused as rate limited, is still pending and
+    goes again.
+    """
+
+    def __init__(
+        self,
+        keypair: Signer,
+        validators: Iterable[tuple[str, str]],
+        db_path: str | Path,
+        *,
+        strategy: Strategy | None = None,
+        wager: float = 1.0,
+        window: int = 64,
+        batch_size: int = 100,
+        retry_after: float = 10.0,
+        send_rate: float = 40.0,
+        send_burst: int = 100,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("features", (BATCH,))
+        super().__init__(keypair, validators, **kwargs)
+        self.store = MinerStore(db_path)
+        self.db = DbThread()
+        self.strategy = strategy or favourite_strategy(wager)
+        self.window = window
+        self.batch_size = batch_size
+        self.retry_after = retry_after
+        self.send_rate = send_rate
+        self.send_burst = send_burst
+        self._outboxes: dict[str, _Outbox] = {}
+        self.sent_at: dict[str, float] = {}
+        self.latencies: list[float] = []
+        self.register_handler("confirmation", self.handle_confirmation)
+        self.register_handler("game_update", self.handle_game_updates)
+        self.on_connect(self.run_outbox)
+
+    # ---- the seed's handlers --------------------------------------------------------------
+
+    async def handle_confirmation(self, websocket: Connection, message: WebSocketMessage) -> None:
+        assert isinstance(message, ConfirmationMessage)
+        results = [(r.prediction_id, r.status, r.message) for r in message.results if r.prediction_id]
+        await self.db.run(self.store.record_results, websocket.hotkey, results)
+        outbox = self._outboxes.get(websocket.hotkey)
+        now = trio.current_time()
+        for pid, status, _ in results:
+            if outbox is not None:
+                outbox.inflight.pop(pid, None)
+            sent = self.sent_at.pop(f"{websocket.hotkey}/{pid}", None)
+            if sent is not None:
+                self.latencies.append(now - sent)
+            if status != "success":
+                log.warning("prediction %s rejected by %s", pid, websocket.hotkey)
+        if outbox is not None:
+            outbox.poke()
+
+    async def handle_game_updates(self, websocket: Connection, message: WebSocketMessage) -> None:
+        assert isinstance(message, GameUpdateMessage)
+        games = message.data.get("games", [])
+        changed = await self.db.run(self.store.upsert_games, games)
+        if changed:
+            wanted = set(changed)
+            await self.trigger_predictions_for_updated_games(
+                [g for g in games if str(g["game_id"]) in wanted]
+            )
+        log.info("received updates for %d games from validator %s", len(games), websocket.hotkey)
+
+    async def trigger_predictions_for_updated_games(self, games: Sequence[dict[str, Any]]) -> list[str]:
+        """Ask the strategy about new or changed games; store what it predicts, then send."""
+        predicted = await self.db.run(self.store.predicted_games)
+        fresh = [g for g in games if str(g["game_id"]) not in predicted]
+        if not fresh:
+            return []
+        candidates = self.strategy(fresh)
+        budget = DAILY_WAGER_LIMIT - await self.db.run(self.store.wagered_today)
+        chosen = []
+        for prediction in candidates:
+            wager = float(prediction.get("wager", 0))
+            if wager <= budget:
+                chosen.append(prediction)
+                budget -= wager
+        return await self.submit_predictions(chosen)
+
+    async def submit_predictions(self, predictions: Sequence[dict[str, Any]]) -> list[str]:
+        """Store predictions as pending for every validator, then wake the outboxes."""
+        if not predictions:
+            return []
+        added = await self.db.run(self.store.add_predictions, list(predictions), list(self.validators))
+        for outbox in self._outboxes.values():
+            outbox.poke()
+        return added
+
+    # ---- the outbox -----------------------------------------------------------------------
+
+    async def run_outbox(self, connection: Connection) -> None:
+        """Resend what is pending for this validator, then keep sending, until the link ends."""
+        outbox = _Outbox()
+        self._outboxes[connection.hotkey] = outbox
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._drain, connection, outbox)
+                await connection.closed.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            if self._outboxes.get(connection.hotkey) is outbox:
+                del self._outboxes[connection.hotkey]
+
+    async def _drain(self, connection: Connection, outbox: _Outbox) -> None:
+        batched = BATCH in connection.features
+        bucket = TokenBucket(self.send_rate, self.send_burst, now=trio.current_time())
+        while True:
+            outbox.wake = trio.Event()
+            now = trio.current_time()
+            for pid, sent in list(outbox.inflight.items()):
+                if now - sent >= self.retry_after:
+                    del outbox.inflight[pid]
+            room = self.window - len(outbox.inflight)
+            pending: list[dict[str, Any]] = []
+            if room > 0:
+                pending = await self.db.run(
+                    self.store.pending, connection.hotkey, room, list(outbox.inflight)
+                )
+            wait = self.retry_after
+            if pending:
+                if batched:
+                    for start in range(0, len(pending), self.batch_size):
+                        chunk = pending[start : start + self.batch_size]
+                        await self._send(connection, outbox, chunk, {"predictions": chunk})
+                else:
+                    for prediction in pending:
+                        if not bucket.take(trio.current_time()):
+                            wait = 1.0 / self.send_rate
+                            break
+                        await self._send(connection, outbox, [prediction], prediction)
+            with trio.move_on_after(wait):
+                await outbox.wake.wait()
+
+    async def _send(
+        self, connection: Connection, outbox: _Outbox, predictions: list[dict[str, Any]], data: dict[str, Any]
+    ) -> None:
+        now = trio.current_time()
+        for prediction in predictions:
+            pid = str(prediction.get("prediction_id"))
+            outbox.inflight[pid] = now
+            self.sent_at.setdefault(f"{connection.hotkey}/{pid}", now)
+        try:
+            await connection.send_message(PredictionMessage(sender=self.hotkey, data=data))
+        except LinkClosed:
+            return
+
+    def close(self) -> None:
+        self.store.close()

@@ -1,0 +1,103 @@
+"""Bettensor's prediction rules, checked in a fixed order, each with its own reason.
+
+Pure functions over plain values: the store supplies the game and the miner's
+wagers so far today, and the caller decides what to do with the verdict.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime
+from typing import Any
+
+from .replay import parse_timestamp
+
+__all__ = [
+    "DAILY_WAGER_LIMIT",
+    "REASONS",
+    "check_prediction",
+    "prediction_id_of",
+    "utc_day",
+]
+
+DAILY_WAGER_LIMIT = 1000.0
+
+MISSING_DATA = "missing data"
+BAD_WAGER = "wager must be a positive finite number"
+DAILY_LIMIT = "daily wager limit of 1000 exceeded"
+UNKNOWN_GAME = "game unknown"
+GAME_STARTED = "game already started"
+BAD_OUTCOME = "predicted_outcome must be team_a, team_b, or Tie where the game can tie"
+BAD_ODDS = "odds for the predicted outcome missing or not positive"
+BAD_CONFIDENCE = "confidence_score must be within [0, 1]"
+REASONS = (
+    MISSING_DATA,
+    BAD_WAGER,
+    DAILY_LIMIT,
+    UNKNOWN_GAME,
+    GAME_STARTED,
+    BAD_OUTCOME,
+    BAD_ODDS,
+    BAD_CONFIDENCE,
+)
+
+_REQUIRED = ("game_id", "predicted_outcome", "wager")
+
+
+def prediction_id_of(data: dict[str, Any]) -> str | None:
+    """The prediction's id, under the reference's key or the seed's ``id``."""
+    value = data.get("prediction_id", data.get("id"))
+    return value if isinstance(value, str) and value else None
+
+
+def utc_day(moment: datetime) -> str:
+    return moment.astimezone(UTC).date().isoformat()
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+def check_prediction(
+    data: dict[str, Any],
+    *,
+    game: dict[str, Any] | None,
+    wagered_today: float,
+    now: datetime,
+) -> str | None:
+    """None when the prediction is acceptable, else the first rule it breaks."""
+    if prediction_id_of(data) is None or any(data.get(k) in (None, "") for k in _REQUIRED):
+        return MISSING_DATA
+    wager = _number(data["wager"])
+    if wager is None or not math.isfinite(wager) or wager <= 0:
+        return BAD_WAGER
+    if wagered_today + wager > DAILY_WAGER_LIMIT + 1e-9:
+        return DAILY_LIMIT
+    if game is None:
+        return UNKNOWN_GAME
+    try:
+        starts = parse_timestamp(str(game["event_start_date"]))
+    except (ValueError, OverflowError):
+        return GAME_STARTED  # an unreadable start time cannot be shown to be in the future
+    if starts <= now.timestamp():
+        return GAME_STARTED
+    outcome = str(data["predicted_outcome"]).strip().lower()
+    odds_key = {
+        str(game["team_a"]).lower(): "team_a_odds",
+        str(game["team_b"]).lower(): "team_b_odds",
+    }.get(outcome)
+    if odds_key is None and outcome == "tie" and game.get("can_tie"):
+        odds_key = "tie_odds"
+    if odds_key is None:
+        return BAD_OUTCOME
+    odds = _number(game.get(odds_key))
+    if odds is None or not math.isfinite(odds) or odds <= 0:
+        return BAD_ODDS
+    confidence = data.get("confidence_score")
+    if confidence is not None:
+        value = _number(confidence)
+        if value is None or not 0.0 <= value <= 1.0:
+            return BAD_CONFIDENCE
+    return None

@@ -1,0 +1,429 @@
+"""SQLite stores for validators and miners (WAL, synchronous=FULL, versioned schema).
+
+The classes here are synchronous and single-threaded by design; the Trio side
+drives each through one worker thread (:class:`DbThread`), so the event loop
+never blocks on a disk sync and the rules see one consistent order.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+from collections.abc import Callable, Iterable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import trio
+
+from .payloads import TeamGame, converter
+from .rules import check_prediction, prediction_id_of, utc_day
+
+__all__ = ["DbThread", "MinerStore", "PredictionResult", "ValidatorStore", "canonical"]
+
+T = TypeVar("T")
+
+GAME_COLUMNS = (
+    "game_id",
+    "team_a",
+    "team_b",
+    "sport",
+    "league",
+    "create_date",
+    "last_update_date",
+    "event_start_date",
+    "active",
+    "outcome",
+    "team_a_odds",
+    "team_b_odds",
+    "tie_odds",
+    "can_tie",
+)
+_GAMES_TABLE = """
+CREATE TABLE IF NOT EXISTS games (
+    game_id TEXT PRIMARY KEY, team_a TEXT NOT NULL, team_b TEXT NOT NULL,
+    sport TEXT, league TEXT, create_date TEXT, last_update_date TEXT,
+    event_start_date TEXT NOT NULL, active INTEGER, outcome TEXT,
+    team_a_odds REAL, team_b_odds REAL, tie_odds REAL, can_tie INTEGER
+)"""
+
+
+def canonical(data: dict[str, Any]) -> str:
+    """Key-sorted JSON: equal content gives equal text, for idempotency checks."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def connect(path: str | Path) -> sqlite3.Connection:
+    """Open with the durability settings every store uses."""
+    db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+    db.row_factory = sqlite3.Row
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.execute("PRAGMA foreign_keys=ON")
+    db.execute("PRAGMA busy_timeout=5000")
+    return db
+
+
+def migrate(db: sqlite3.Connection, migrations: Sequence[Sequence[str]]) -> int:
+    """Bring the schema to ``len(migrations)`` using ``PRAGMA user_version``."""
+    version = int(db.execute("PRAGMA user_version").fetchone()[0])
+    if version > len(migrations):
+        raise RuntimeError(
+            f"database schema version {version} is newer than this program ({len(migrations)})"
+        )
+    for number in range(version, len(migrations)):
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in migrations[number]:
+                db.execute(statement)
+            db.execute(f"PRAGMA user_version={number + 1}")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+    return len(migrations)
+
+
+def _game_row(game: TeamGame | dict[str, Any]) -> tuple[Any, ...]:
+    raw = converter.unstructure(game) if isinstance(game, TeamGame) else game
+    values = []
+    for column in GAME_COLUMNS:
+        value = raw.get(column)
+        if column == "game_id":
+            value = str(value)
+        elif column in ("active", "can_tie"):
+            value = int(bool(value))
+        values.append(value)
+    return tuple(values)
+
+
+def _game_dict(row: sqlite3.Row) -> dict[str, Any]:
+    game = {column: row[column] for column in GAME_COLUMNS}
+    game["active"] = bool(game["active"])
+    game["can_tie"] = bool(game["can_tie"])
+    return game
+
+
+class _Store:
+    migrations: Sequence[Sequence[str]] = ()
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        self.db = connect(path)
+        self.version = migrate(self.db, self.migrations)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def upsert_games(self, games: Iterable[TeamGame | dict[str, Any]]) -> list[str]:
+        """Store games; returns the ids that are new or changed."""
+        changed = []
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            for game in games:
+                row = _game_row(game)
+                old = self.db.execute("SELECT * FROM games WHERE game_id=?", (row[0],)).fetchone()
+                if old is not None and tuple(_game_row(_game_dict(old))) == row:
+                    continue
+                self.db.execute(
+                    f"INSERT OR REPLACE INTO games ({', '.join(GAME_COLUMNS)}) "
+                    f"VALUES ({', '.join('?' * len(GAME_COLUMNS))})",
+                    row,
+                )
+                changed.append(str(row[0]))
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        return changed
+
+    def game(self, game_id: str) -> dict[str, Any] | None:
+        row = self.db.execute("SELECT * FROM games WHERE game_id=?", (str(game_id),)).fetchone()
+        return _game_dict(row) if row is not None else None
+
+    def games(self) -> list[dict[str, Any]]:
+        return [_game_dict(r) for r in self.db.execute("SELECT * FROM games ORDER BY game_id")]
+
+    def upcoming_games(self, now: datetime | None = None) -> list[dict[str, Any]]:
+        """Active games that have not started: what a (re)connecting miner must see."""
+        moment = (now or _now()).timestamp()
+        result = []
+        for game in self.games():
+            try:
+                starts = datetime.fromisoformat(game["event_start_date"])
+            except (TypeError, ValueError):
+                continue
+            if starts.tzinfo is None:
+                starts = starts.replace(tzinfo=UTC)
+            if game["active"] and starts.timestamp() > moment:
+                result.append(game)
+        return result
+
+
+class PredictionResult(dict[str, Any]):
+    """``{"prediction_id", "status", "message"}`` as a batch confirmation lists it."""
+
+
+class ValidatorStore(_Store):
+    """Games and the predictions a validator accepted, with the answer sent for each."""
+
+    migrations = (
+        (
+            _GAMES_TABLE,
+            """CREATE TABLE IF NOT EXISTS predictions (
+                prediction_id TEXT PRIMARY KEY, miner_hotkey TEXT NOT NULL,
+                game_id TEXT NOT NULL, wager REAL NOT NULL, predicted_outcome TEXT NOT NULL,
+                body TEXT NOT NULL, received_at TEXT NOT NULL)""",
+        ),
+        (
+            "ALTER TABLE predictions ADD COLUMN day TEXT",
+            "UPDATE predictions SET day = substr(received_at, 1, 10)",
+            "ALTER TABLE predictions ADD COLUMN status TEXT NOT NULL DEFAULT 'success'",
+            "ALTER TABLE predictions ADD COLUMN message TEXT NOT NULL DEFAULT 'Prediction accepted'",
+            "CREATE INDEX IF NOT EXISTS predictions_miner_day ON predictions (miner_hotkey, day)",
+        ),
+    )
+
+    ACCEPTED = "Prediction accepted"
+
+    def submit(
+        self, miner_hotkey: str, predictions: Sequence[dict[str, Any]], now: datetime | None = None
+    ) -> list[PredictionResult]:
+        """Check and store predictions in one transaction (one fsync); a result each.
+
+        Idempotent: a prediction already stored with the same content from the
+        same miner is answered as before and not stored again.
+        """
+        moment = now or _now()
+        day = utc_day(moment)
+        received_at = moment.isoformat()
+        results: list[PredictionResult] = []
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            wagered = float(
+                db.execute(
+                    "SELECT COALESCE(SUM(wager), 0) FROM predictions WHERE miner_hotkey=? AND day=?",
+                    (miner_hotkey, day),
+                ).fetchone()[0]
+            )
+            games: dict[str, dict[str, Any] | None] = {}
+            for data in predictions:
+                pid = prediction_id_of(data)
+                body = canonical(data)
+                if pid is not None:
+                    old = db.execute(
+                        "SELECT miner_hotkey, body, status, message FROM predictions "
+                        "WHERE prediction_id=?",
+                        (pid,),
+                    ).fetchone()
+                    if old is not None:
+                        if old["miner_hotkey"] == miner_hotkey and old["body"] == body:
+                            results.append(_result(pid, old["status"], old["message"]))
+                        else:
+                            results.append(
+                                _result(pid, "error", "prediction_id already used for another prediction")
+                            )
+                        continue
+                game_id = data.get("game_id")
+                key = str(game_id)
+                if key not in games:
+                    games[key] = self.game(key) if game_id is not None else None
+                reason = check_prediction(data, game=games[key], wagered_today=wagered, now=moment)
+                if reason is not None:
+                    results.append(_result(pid, "error", reason))
+                    continue
+                assert pid is not None
+                wager = float(data["wager"])
+                db.execute(
+                    "INSERT INTO predictions (prediction_id, miner_hotkey, game_id, wager, "
+                    "predicted_outcome, body, received_at, day, status, message) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'success', ?)",
+                    (pid, miner_hotkey, key, wager, str(data["predicted_outcome"]), body,
+                     received_at, day, self.ACCEPTED),
+                )
+                wagered += wager
+                results.append(_result(pid, "success", self.ACCEPTED))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return results
+
+    def prediction(self, prediction_id: str) -> dict[str, Any] | None:
+        row = self.db.execute(
+            "SELECT * FROM predictions WHERE prediction_id=?", (prediction_id,)
+        ).fetchone()
+        return dict(row) if row is not None else None
+
+    def count_predictions(self) -> int:
+        return int(self.db.execute("SELECT COUNT(*) FROM predictions").fetchone()[0])
+
+    def prediction_ids(self) -> set[str]:
+        return {r[0] for r in self.db.execute("SELECT prediction_id FROM predictions")}
+
+    def per_miner(self) -> list[tuple[str, int, float]]:
+        return [
+            (r[0], int(r[1]), float(r[2]))
+            for r in self.db.execute(
+                "SELECT miner_hotkey, COUNT(*), SUM(wager) FROM predictions "
+                "GROUP BY miner_hotkey ORDER BY miner_hotkey"
+            )
+        ]
+
+
+def _result(prediction_id: str | None, status: str, message: str) -> PredictionResult:
+    return PredictionResult(prediction_id=prediction_id, status=status, message=message)
+
+
+class MinerStore(_Store):
+    """A miner's games, its predictions, and each one's delivery state per validator."""
+
+    migrations = (
+        (
+            _GAMES_TABLE,
+            """CREATE TABLE IF NOT EXISTS predictions (
+                prediction_id TEXT PRIMARY KEY, game_id TEXT NOT NULL,
+                body TEXT NOT NULL, created_at TEXT NOT NULL)""",
+            """CREATE TABLE IF NOT EXISTS deliveries (
+                prediction_id TEXT NOT NULL REFERENCES predictions(prediction_id),
+                validator_hotkey TEXT NOT NULL,
+                state TEXT NOT NULL CHECK (state IN ('pending', 'confirmed', 'rejected')),
+                reason TEXT, updated_at TEXT NOT NULL,
+                PRIMARY KEY (prediction_id, validator_hotkey))""",
+            "CREATE INDEX IF NOT EXISTS deliveries_pending ON deliveries (validator_hotkey, state)",
+        ),
+    )
+
+    def add_predictions(
+        self, predictions: Sequence[dict[str, Any]], validators: Iterable[str]
+    ) -> list[str]:
+        """Record predictions as pending for every validator before anything is sent."""
+        created_at = _now().isoformat()
+        targets = list(validators)
+        added = []
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            for data in predictions:
+                pid = prediction_id_of(data)
+                if pid is None:
+                    raise ValueError("a prediction needs a prediction_id")
+                cursor = self.db.execute(
+                    "INSERT OR IGNORE INTO predictions (prediction_id, game_id, body, created_at) "
+                    "VALUES (?, ?, ?, ?)",
+                    (pid, str(data.get("game_id")), json.dumps(data), created_at),
+                )
+                if cursor.rowcount:
+                    added.append(pid)
+                self.db.executemany(
+                    "INSERT OR IGNORE INTO deliveries (prediction_id, validator_hotkey, state, "
+                    "updated_at) VALUES (?, ?, 'pending', ?)",
+                    [(pid, v, created_at) for v in targets],
+                )
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        return added
+
+    def pending(self, validator_hotkey: str, limit: int, exclude: Iterable[str] = ()) -> list[dict[str, Any]]:
+        """Oldest pending predictions for one validator, skipping ids already in flight."""
+        skip = set(exclude)
+        rows = self.db.execute(
+            "SELECT p.prediction_id, p.body FROM deliveries d JOIN predictions p "
+            "USING (prediction_id) WHERE d.validator_hotkey=? AND d.state='pending' "
+            "ORDER BY p.created_at, p.prediction_id LIMIT ?",
+            (validator_hotkey, limit + len(skip)),
+        ).fetchall()
+        bodies = [json.loads(r["body"]) for r in rows if r["prediction_id"] not in skip]
+        return bodies[:limit]
+
+    def record_results(
+        self, validator_hotkey: str, results: Iterable[tuple[str, str, str]]
+    ) -> int:
+        """Apply (prediction_id, status, message) answers; returns how many changed state.
+
+        Only a pending delivery changes: a late duplicate answer cannot flip
+        a prediction that was already settled.
+        """
+        now = _now().isoformat()
+        changed = 0
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            for pid, status, message in results:
+                state = "confirmed" if status == "success" else "rejected"
+                cursor = self.db.execute(
+                    "UPDATE deliveries SET state=?, reason=?, updated_at=? "
+                    "WHERE prediction_id=? AND validator_hotkey=? AND state='pending'",
+                    (state, None if state == "confirmed" else message, now, pid, validator_hotkey),
+                )
+                changed += cursor.rowcount
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        return changed
+
+    def predicted_games(self) -> set[str]:
+        return {r[0] for r in self.db.execute("SELECT game_id FROM predictions")}
+
+    def wagered_today(self) -> float:
+        day = utc_day(_now())
+        total = 0.0
+        for (body,) in self.db.execute(
+            "SELECT body FROM predictions WHERE substr(created_at, 1, 10)=?", (day,)
+        ):
+            wager = json.loads(body).get("wager", 0)
+            if isinstance(wager, int | float) and math.isfinite(wager):
+                total += float(wager)
+        return total
+
+    def counts(self, validator_hotkey: str | None = None) -> dict[str, int]:
+        where, args = ("WHERE validator_hotkey=?", (validator_hotkey,)) if validator_hotkey else ("", ())
+        counts = {"pending": 0, "confirmed": 0, "rejected": 0}
+        for state, n in self.db.execute(
+            f"SELECT state, COUNT(*) FROM deliveries {where} GROUP BY state", args
+        ):
+            counts[state] = int(n)
+        return counts
+
+    def validators(self) -> list[str]:
+        return [r[0] for r in self.db.execute(
+            "SELECT DISTINCT validator_hotkey FROM deliveries ORDER BY validator_hotkey"
+        )]
+
+    def latest_rejections(self, limit: int = 10) -> list[tuple[str, str, str]]:
+        return [
+            (r[0], r[1], r[2] or "")
+            for r in self.db.execute(
+                "SELECT prediction_id, validator_hotkey, reason FROM deliveries "
+                "WHERE state='rejected' ORDER BY updated_at DESC LIMIT ?",
+                (limit,),
+            )
+        ]
+
+    def delivery(self, prediction_id: str, validator_hotkey: str) -> tuple[str, str | None] | None:
+        row = self.db.execute(
+            "SELECT state, reason FROM deliveries WHERE prediction_id=? AND validator_hotkey=?",
+            (prediction_id, validator_hotkey),
+        ).fetchone()
+        return (row[0], row[1]) if row is not None else None
+
+
+class DbThread:
+    """Runs a store's synchronous calls on one worker thread, one at a time.
+
+    One thread keeps SQLite's single-writer model and the rules' view of the
+    data consistent, and keeps disk syncs off the Trio loop.
+    """
+
+    def __init__(self) -> None:
+        self._limiter = trio.CapacityLimiter(1)
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)

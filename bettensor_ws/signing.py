@@ -65,7 +65,7 @@ def _check(ss58_address: str, text: str, signature_hex: str) -> bool:
     if not isinstance(signature_hex, str) or not isinstance(ss58_address, str):
         return False
     try:
-        signature = bytes.fromhex(signature_hex.removeprefix("0x"))
+        signature = bytes.fromhex(signature_hex)  # no "0x": the reference would refuse it too
         if len(signature) != 64:
             return False
         return bool(_verifier(ss58_address).verify(text, signature))

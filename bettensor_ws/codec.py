@@ -61,8 +61,14 @@ def _non_finite_literal(raw: bytes | bytearray | memoryview, pos: int) -> str | 
     return None
 
 
+MAX_MAGNITUDE = 2.0**63
+"""Largest number magnitude accepted. orjson reads a larger integer as a float, so a
+stdlib peer would sign a different text than we verify; refusing it keeps both sides
+reading the same value."""
+
+
 def _check_tree(value: Any) -> None:
-    """Reject nesting deeper than MAX_DEPTH and NaN/Infinity, without recursion."""
+    """Reject deep nesting, NaN/Infinity and out-of-range numbers, without recursion."""
     stack: list[tuple[Any, int]] = [(value, 0)]
     while stack:
         item, depth = stack.pop()
@@ -74,8 +80,11 @@ def _check_tree(value: Any) -> None:
             if depth >= MAX_DEPTH:
                 raise DecodeError(f"nesting too deep (more than {MAX_DEPTH} levels)")
             stack.extend((v, depth + 1) for v in item if isinstance(v, dict | list | float))
-        elif isinstance(item, float) and not math.isfinite(item):
-            raise DecodeError(f"non-finite number {item!r}")
+        elif isinstance(item, float):
+            if not math.isfinite(item):
+                raise DecodeError(f"non-finite number {item!r}")
+            if abs(item) >= MAX_MAGNITUDE:
+                raise DecodeError(f"number {item!r} out of range (magnitude 2**63 or more)")
 
 
 def decode(raw: str | bytes, *, max_size: int = DEFAULT_MAX_SIZE) -> WebSocketMessage:

@@ -210,6 +210,8 @@ class PredictionMessage(WebSocketMessage):
     def validate_data(cls, data: dict[str, Any]) -> list[TeamGamePrediction]:
         batch = data.get("predictions")
         if isinstance(batch, list) and "prediction_id" not in data and "id" not in data:
+            if not batch:
+                raise DecodeError("data.predictions: a batch needs at least one prediction")
             return [_prediction_view(item, f"data.predictions[{i}]") for i, item in enumerate(batch)]
         return [_prediction_view(data, "data")]
 
@@ -247,6 +249,8 @@ class ConfirmationMessage(WebSocketMessage):
     def validate_data(cls, data: dict[str, Any]) -> Any:
         results = data.get("results")
         if isinstance(results, list) and "status" not in data:
+            if not results:
+                raise DecodeError("data.results: a batch confirmation needs at least one result")
             return [
                 structure_payload(item, ConfirmationResult, f"data.results[{i}]")
                 for i, item in enumerate(results)

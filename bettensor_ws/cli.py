@@ -93,6 +93,16 @@ def _parse_validator_arg(value: str) -> tuple[str, str]:
     return hotkey, url
 
 
+def _port(value: str) -> int:
+    try:
+        port = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid port {value!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} is outside 0-65535")
+    return port
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="bettensor-ws", description=__doc__)
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: every frame)")
@@ -100,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("validator", help="serve miners: check, store and confirm predictions")
     v.add_argument("--host", default="127.0.0.1")
-    v.add_argument("--port", type=int, default=8765)
+    v.add_argument("--port", type=_port, default=8765)
     v.add_argument("--db", default="validator.db")
     v.add_argument("--games", help="JSON list of TeamGame objects (default: a simulated feed)")
     v.add_argument("--allow-file", help="allowed miner hotkeys, one ss58 a line")
@@ -163,6 +173,10 @@ async def run_validator(args: argparse.Namespace) -> None:
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_until_signalled, nursery)
+            # Stored before the port opens: every miner gets them right after its
+            # Welcome, and this first update is broadcast to nobody.
+            feed = SimulatedFeed(args.feed_games) if games is None else None
+            await node.update_games(games if feed is None else feed.tick(0))
             try:
                 port = await nursery.start(node.serve)
             except* OSError as group:
@@ -173,11 +187,7 @@ async def run_validator(args: argparse.Namespace) -> None:
             scheme = "wss" if node.ssl_context else "ws"
             print(f"listening on {scheme}://{args.host}:{port}/ws", flush=True)
             print(f"validator hotkey {node.hotkey}", flush=True)
-            if games is not None:
-                await node.update_games(games)
-            else:
-                feed = SimulatedFeed(args.feed_games)
-                await node.update_games(feed.tick(0))
+            if feed is not None:
                 nursery.start_soon(_run_feed, node, feed, args.feed_interval)
     finally:
         node.close()
@@ -198,10 +208,11 @@ def _open_store(factory: Any, path: str) -> Any:
 
 async def run_miner(args: argparse.Namespace) -> None:
     from .node import MinerNode
+    from .rules import DAILY_WAGER_LIMIT
 
     validators = [_parse_validator_arg(v) for v in args.validator]
-    if not args.wager > 0:
-        raise UsageError("--wager must be a positive number")
+    if not 0 < args.wager <= DAILY_WAGER_LIMIT:
+        raise UsageError(f"--wager must be a positive number, at most {DAILY_WAGER_LIMIT:g}")
     keypair = load_keypair(args)
     node = _open_store(
         lambda: MinerNode(
@@ -226,13 +237,29 @@ def run_status(args: argparse.Namespace) -> None:
     if not path.is_file():
         raise UsageError(f"no database at {path}")
     try:
-        probe = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-        tables = {r[0] for r in probe.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        probe.close()
+        probe = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            tables = {r[0] for r in probe.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            version = int(probe.execute("PRAGMA user_version").fetchone()[0])
+        finally:
+            probe.close()
     except sqlite3.Error as exc:
         raise UsageError(f"cannot read database {path}: {exc}") from None
-    if "deliveries" in tables:
-        miner = MinerStore(path)
+    # Our stores stamp user_version; a file without it (say, another program's
+    # "predictions" table) is not ours, and opening it as a store would migrate it.
+    if version < 1 or "predictions" not in tables:
+        raise UsageError(f"{path} is not a bettensor-ws database")
+    try:
+        if "deliveries" in tables:
+            _miner_status(MinerStore(path))
+        else:
+            _validator_status(ValidatorStore(path))
+    except (sqlite3.Error, RuntimeError) as exc:
+        raise UsageError(f"cannot read database {path}: {exc}") from None
+
+
+def _miner_status(miner: Any) -> None:
+    try:
         totals = miner.counts()
         for state in ("pending", "confirmed", "rejected"):
             print(f"{state} {totals[state]}")
@@ -244,16 +271,18 @@ def run_status(args: argparse.Namespace) -> None:
             print("latest rejections:")
             for pid, validator, reason in rejections:
                 print(f"  {pid} by {validator}: {reason}")
+    finally:
         miner.close()
-    elif "predictions" in tables:
-        validator_store = ValidatorStore(path)
+
+
+def _validator_status(validator_store: Any) -> None:
+    try:
         rows = validator_store.per_miner()
         print(f"predictions {sum(n for _, n, _ in rows)}")
         for hotkey, count, wagered in rows:
             print(f"miner {hotkey}: predictions {count}, wagered {wagered:g}")
+    finally:
         validator_store.close()
-    else:
-        raise UsageError(f"{path} is not a bettensor-ws database")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

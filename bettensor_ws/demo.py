@@ -12,7 +12,9 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import trio
 from bittensor_wallet import Keypair
@@ -23,6 +25,29 @@ from .node import MinerNode, ValidatorNode
 __all__ = ["run_demo"]
 
 _BAR = 30
+
+
+class _DemoMiner(MinerNode):
+    """A miner that can be told to stop predicting, so the demo can drain for good.
+
+    Without the gate a game update still in flight when the drain finds
+    nothing pending adds a prediction nobody waits for, and the summary
+    counts it as lost.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.predicting = True
+        self.busy = 0
+
+    async def trigger_predictions_for_updated_games(self, games: Sequence[dict[str, Any]]) -> list[str]:
+        if not self.predicting:
+            return []
+        self.busy += 1
+        try:
+            return await super().trigger_predictions_for_updated_games(games)
+        finally:
+            self.busy -= 1
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -42,14 +67,14 @@ async def _demo(tmp: Path, n_miners: int, n_games: int, duration: float) -> int:
         Keypair.create_from_uri("//Alice"), tmp / "validator.db", heartbeat_interval=5.0
     )
     feed = SimulatedFeed(n_games)
-    nodes: list[MinerNode] = []
+    nodes: list[_DemoMiner] = []
     started = time.monotonic()
     async with trio.open_nursery() as nursery:
         port = await nursery.start(validator.serve)
         url = f"ws://127.0.0.1:{port}/ws"
         await validator.update_games(feed.tick(0))
         for i in range(n_miners):
-            node = MinerNode(
+            node = _DemoMiner(
                 Keypair.create_from_uri(f"//Miner{i}"),
                 [(validator.hotkey, url)],
                 tmp / f"miner{i}.db",
@@ -77,7 +102,12 @@ async def _demo(tmp: Path, n_miners: int, n_games: int, duration: float) -> int:
                     if conn is not None:
                         conn.close(1012, "demo: link cut")
             await _progress(nodes, duration - (deadline - now), duration)
+        for node in nodes:
+            node.predicting = False
         with trio.move_on_after(30):
+            # Once no miner is inside its strategy, no new prediction can appear.
+            while any(node.busy for node in nodes):  # noqa: ASYNC110
+                await trio.sleep(0.05)
             while await _progress(nodes, duration, duration, draining=True):  # noqa: ASYNC110
                 await trio.sleep(0.25)  # polls several databases: no single event to wait on
         print(file=sys.stderr)
@@ -90,7 +120,7 @@ async def _demo(tmp: Path, n_miners: int, n_games: int, duration: float) -> int:
     return code
 
 
-async def _progress(nodes: list[MinerNode], done: float, total: float, draining: bool = False) -> int:
+async def _progress(nodes: Sequence[MinerNode], done: float, total: float, draining: bool = False) -> int:
     """Redraw the bar; returns how many deliveries are still pending."""
     counts: Counter[str] = Counter()
     for node in nodes:
@@ -105,7 +135,7 @@ async def _progress(nodes: list[MinerNode], done: float, total: float, draining:
     return counts["pending"]
 
 
-def _summary(validator: ValidatorNode, nodes: list[MinerNode], elapsed: float) -> int:
+def _summary(validator: ValidatorNode, nodes: Sequence[MinerNode], elapsed: float) -> int:
     made = confirmed = rejected = pending = 0
     reasons: Counter[str] = Counter()
     confirmed_ids: set[str] = set()

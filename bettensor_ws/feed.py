@@ -73,6 +73,8 @@ def load_games_file(path: str | Path) -> list[dict[str, Any]]:
         raw = json.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as exc:
         raise ValueError(f"cannot read games file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"games file {path} is not UTF-8 text") from None
     except json.JSONDecodeError as exc:
         raise ValueError(f"games file {path} is not valid JSON: {exc}") from None
     if not isinstance(raw, list):

@@ -91,6 +91,13 @@ class ConnectionSettings:
         self.reply_errors = reply_errors
 
 
+def first_leaf(exc: BaseException) -> BaseException:
+    """The first exception that is not a group: nurseries nest groups in groups."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
+
+
 def _truncate(text: str | bytes) -> str:
     shown = text if isinstance(text, str) else repr(text)
     return shown if len(shown) <= _LOG_TRUNCATE else shown[:_LOG_TRUNCATE] + "..."
@@ -211,7 +218,7 @@ class Connection:
             self.closed.set()
 
     def _peer_closed(self, group: BaseExceptionGroup[ConnectionClosed]) -> None:
-        first = group.exceptions[0]
+        first = first_leaf(group)
         reason = first.reason if isinstance(first, ConnectionClosed) else None
         self.close(reason.code if reason else CLOSE_NORMAL, (reason.reason or "") if reason else "")
         log.info("connection to %s closed by peer (%s)", self.hotkey, self.close_code)
@@ -236,8 +243,10 @@ class Connection:
             if settings.handler_concurrency <= 1:
                 await self._dispatch(message)
             else:
-                await self._limiter.acquire_on_behalf_of(message)
-                nursery.start_soon(self._dispatch_and_release, message)
+                # messages are unhashable (attrs eq): borrow the slot under a token
+                token = object()
+                await self._limiter.acquire_on_behalf_of(token)
+                nursery.start_soon(self._dispatch_and_release, message, token)
 
     async def _admit(self, raw: str | bytes) -> WebSocketMessage | None:
         """The frame as a verified message, or None after answering why not."""
@@ -281,11 +290,11 @@ class Connection:
         except LinkClosed:
             return
 
-    async def _dispatch_and_release(self, message: WebSocketMessage) -> None:
+    async def _dispatch_and_release(self, message: WebSocketMessage, token: object) -> None:
         try:
             await self._dispatch(message)
         finally:
-            self._limiter.release_on_behalf_of(message)
+            self._limiter.release_on_behalf_of(token)
 
     async def _writer(self) -> None:
         send_timeout = self._settings.send_timeout

@@ -20,12 +20,15 @@ from trio_websocket import (
 from .backoff import Backoff
 from .codec import decode, encode, loads_checked
 from .connection import (
+    CLOSE_GOING_AWAY,
+    CLOSE_INTERNAL,
     CLOSE_NORMAL,
     CLOSE_POLICY,
     Connection,
     ConnectionSettings,
     LinkClosed,
     close_quietly,
+    first_leaf,
     hold_transport,
 )
 from .dispatch import Dispatcher, Handler
@@ -181,10 +184,11 @@ class MinerWebSocketManager:
             try:
                 await self._connect_once(validator_hotkey, url)
             except* HandshakeRefused as group:
-                self._failed(validator_hotkey, str(group.exceptions[0]))
+                self._failed(validator_hotkey, str(first_leaf(group)))
             except* (OSError, ConnectionClosed, HandshakeError, trio.TooSlowError,
                      trio.BrokenResourceError, trio.ClosedResourceError) as group:
-                self._failed(validator_hotkey, f"{type(group.exceptions[0]).__name__}: {group.exceptions[0]}")
+                cause = first_leaf(group)
+                self._failed(validator_hotkey, f"{type(cause).__name__}: {cause}")
             except* Exception:
                 log.exception("link to validator %s failed", validator_hotkey)
                 self.last_error[validator_hotkey] = "internal error"
@@ -207,7 +211,20 @@ class MinerWebSocketManager:
         port = parts.port or (443 if secure else 80)
         if secure:
             context = self.ssl_context or ssl.create_default_context()
-            return await trio.open_ssl_over_tcp_stream(host, port, ssl_context=context)
+            stream = await trio.open_ssl_over_tcp_stream(host, port, ssl_context=context)
+            # Handshake now: trio-websocket waits for its upgrade forever (here: until
+            # connect_timeout) when TLS fails inside its reader, and hides the reason.
+            try:
+                await stream.do_handshake()
+            except trio.BrokenResourceError as exc:
+                await trio.aclose_forcefully(stream)
+                if isinstance(exc.__cause__, ssl.SSLError):
+                    raise exc.__cause__ from None
+                raise
+            except BaseException:
+                await trio.aclose_forcefully(stream)
+                raise
+            return stream
         return await trio.open_tcp_stream(host, port)
 
     def _opener(self, url: str) -> Callable[[trio.Nursery], Awaitable[WebSocketConnection]]:
@@ -236,11 +253,21 @@ class MinerWebSocketManager:
         async with trio.open_nursery() as nursery:
             ws, hold = await nursery.start(hold_transport, self._opener(url))
             conn: Connection | None = None
+            # how to close if there is no Connection yet: shut down while handshaking is
+            # going away; a refused validator is told why
+            fallback = (CLOSE_POLICY, "")
             try:
-                conn = await self._handshake(ws, validator_hotkey)
+                try:
+                    conn = await self._handshake(ws, validator_hotkey)
+                except trio.Cancelled:
+                    fallback = (CLOSE_GOING_AWAY, "Going away")
+                    raise
+                except HandshakeRefused as exc:
+                    fallback = (CLOSE_POLICY, str(exc))
+                    raise
                 await self._run_connection(conn)
             finally:
-                code, reason = (conn.close_code, conn.close_reason) if conn else (CLOSE_POLICY, "")
+                code, reason = (conn.close_code, conn.close_reason) if conn else fallback
                 await close_quietly(ws, code, reason, self.settings.close_timeout)
                 hold.cancel()
 
@@ -290,6 +317,10 @@ class MinerWebSocketManager:
                     try:
                         await hook(conn)
                     except LinkClosed:
+                        break
+                    except Exception:  # a failing hook ends this link only, as a task failure
+                        log.exception("on_connect hook failed for %s", conn.hotkey)
+                        conn.close(CLOSE_INTERNAL, "Internal error")
                         break
                 await conn.closed.wait()
         finally:

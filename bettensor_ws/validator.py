@@ -15,6 +15,8 @@ from trio_websocket import ConnectionClosed, WebSocketRequest, wrap_server_strea
 
 from .codec import encode, loads_checked
 from .connection import (
+    CLOSE_GOING_AWAY,
+    CLOSE_INTERNAL,
     CLOSE_NORMAL,
     CLOSE_POLICY,
     Connection,
@@ -224,6 +226,10 @@ class ValidatorWebSocketManager:
     def _open_request(self, stream: trio.abc.Stream) -> Callable[[trio.Nursery], Awaitable[WebSocketRequest]]:
         async def open_request(nursery: trio.Nursery) -> WebSocketRequest:
             with trio.fail_after(self.auth_timeout):
+                if isinstance(stream, trio.SSLStream):
+                    # A failed TLS handshake inside trio-websocket's reader would leave us
+                    # waiting for an upgrade until auth_timeout; fail (and close) at once.
+                    await stream.do_handshake()
                 return await wrap_server_stream(
                     nursery, stream, message_queue_size=4, max_message_size=self.max_message_size
                 )
@@ -236,13 +242,20 @@ class ValidatorWebSocketManager:
             return
         ws = await request.accept()
         conn: Connection | None = None
+        # how to close if there is no Connection yet: shut down while authenticating is
+        # going away, anything else a failure inside
+        fallback = (CLOSE_INTERNAL, "Internal error")
         try:
-            conn = await self._authenticate(ws)
+            try:
+                conn = await self._authenticate(ws)
+            except trio.Cancelled:
+                fallback = (CLOSE_GOING_AWAY, "Going away")
+                raise
             if conn is None:
                 return
             await self._run_connection(conn)
         finally:
-            code, reason = (conn.close_code, conn.close_reason) if conn else (CLOSE_POLICY, "")
+            code, reason = (conn.close_code, conn.close_reason) if conn else fallback
             if conn is not None or not ws.closed:
                 await close_quietly(ws, code, reason, self.settings.close_timeout)
 
@@ -296,6 +309,9 @@ class ValidatorWebSocketManager:
                         await hook(conn)
                 except LinkClosed:
                     pass
+                except Exception:  # a failing hook ends this connection only, as a task failure
+                    log.exception("on_connect hook failed for %s", conn.hotkey)
+                    conn.close(CLOSE_INTERNAL, "Internal error")
                 await conn.closed.wait()
         finally:
             if self._connections.get(conn.hotkey) is conn:

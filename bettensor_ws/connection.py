@@ -214,8 +214,26 @@ class Connection:
             log.exception("connection to %s failed", self.hotkey)
             self.close(CLOSE_INTERNAL, "Internal error")
         finally:
+            with trio.CancelScope(shield=True):
+                await self._flush()
             self._queue.close()
             self.closed.set()
+
+    async def _flush(self) -> None:
+        """Send what is still queued before the close frame, within half the close time.
+
+        A confirmation queued just before shutdown or replacement reaches the
+        miner; a peer that stopped reading, or that already left, gets nothing more.
+        """
+        if self.close_reason == "slow consumer" or self.ws.closed:
+            return
+        with trio.move_on_after(self._settings.close_timeout / 2):
+            try:
+                while (frame := self._queue.get_nowait()) is not None:
+                    await self.ws.send_message(frame.text)
+                    self._stats.frames_out[frame.type] += 1
+            except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
+                return
 
     def _peer_closed(self, group: BaseExceptionGroup[ConnectionClosed]) -> None:
         first = first_leaf(group)

@@ -73,6 +73,15 @@ class OutboundQueue:
                 self.full_since = None
             return frame
 
+    def get_nowait(self) -> Frame | None:
+        """The next frame without waiting (replies first), or None when empty."""
+        for channel in (self._reply_recv, self._bcast_recv):
+            try:
+                return channel.receive_nowait()
+            except (trio.WouldBlock, trio.ClosedResourceError, trio.EndOfChannel):
+                continue
+        return None
+
     def close(self) -> None:
         """Wake any producer blocked on a full queue: sending now raises ClosedResourceError."""
         self._reply_send.close()

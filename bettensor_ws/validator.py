@@ -290,6 +290,12 @@ class ValidatorWebSocketManager:
         )
 
     async def _run_connection(self, conn: Connection) -> None:
+        # The Welcome is queued before the connection is listed, so no broadcast
+        # can reach the miner ahead of it.
+        welcome: dict[str, Any] = {"message": "Connection established", "status": "success"}
+        if self.features:
+            welcome["features"] = list(self.features)
+        await conn.send_message(WelcomeMessage(sender=self.hotkey, data=welcome))
         old = self._connections.get(conn.hotkey)
         if old is not None:
             log.info("replacing the connection of %s", conn.hotkey)
@@ -300,11 +306,7 @@ class ValidatorWebSocketManager:
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(conn.run)
-                welcome: dict[str, Any] = {"message": "Connection established", "status": "success"}
-                if self.features:
-                    welcome["features"] = list(self.features)
                 try:
-                    await conn.send_message(WelcomeMessage(sender=self.hotkey, data=welcome))
                     for hook in self._connect_hooks:
                         await hook(conn)
                 except LinkClosed:

@@ -172,6 +172,9 @@ class MinerNode(MinerWebSocketManager):
         self._outboxes: dict[str, _Outbox] = {}
         self.sent_at: dict[str, float] = {}
         self.latencies: list[float] = []
+        # one prediction round at a time: updates from several validators must not
+        # both see a game as unpredicted and predict it twice
+        self._predicting = trio.Lock()
         self.register_handler("confirmation", self.handle_confirmation)
         self.register_handler("game_update", self.handle_game_updates)
         self.on_connect(self.run_outbox)
@@ -208,19 +211,21 @@ class MinerNode(MinerWebSocketManager):
 
     async def trigger_predictions_for_updated_games(self, games: Sequence[dict[str, Any]]) -> list[str]:
         """Ask the strategy about new or changed games; store what it predicts, then send."""
-        predicted = await self.db.run(self.store.predicted_games)
-        fresh = [g for g in games if str(g["game_id"]) not in predicted]
-        if not fresh:
-            return []
-        candidates = self.strategy(fresh)
-        budget = DAILY_WAGER_LIMIT - await self.db.run(self.store.wagered_today)
-        chosen = []
-        for prediction in candidates:
-            wager = float(prediction.get("wager", 0))
-            if wager <= budget:
-                chosen.append(prediction)
-                budget -= wager
-        return await self.submit_predictions(chosen)
+        async with self._predicting:
+            predicted = await self.db.run(self.store.predicted_games)
+            # keyed by id: a game listed twice in one update is still predicted once
+            fresh = list({str(g["game_id"]): g for g in games if str(g["game_id"]) not in predicted}.values())
+            if not fresh:
+                return []
+            candidates = self.strategy(fresh)
+            budget = DAILY_WAGER_LIMIT - await self.db.run(self.store.wagered_today)
+            chosen = []
+            for prediction in candidates:
+                wager = float(prediction.get("wager", 0))
+                if wager <= budget:
+                    chosen.append(prediction)
+                    budget -= wager
+            return await self.submit_predictions(chosen)
 
     async def submit_predictions(self, predictions: Sequence[dict[str, Any]]) -> list[str]:
         """Store predictions as pending for every validator, then wake the outboxes."""

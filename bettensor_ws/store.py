@@ -187,6 +187,13 @@ class ValidatorStore(_Store):
             "ALTER TABLE predictions ADD COLUMN message TEXT NOT NULL DEFAULT 'Prediction accepted'",
             "CREATE INDEX IF NOT EXISTS predictions_miner_day ON predictions (miner_hotkey, day)",
         ),
+        (
+            # The refusal sent for each refused prediction, so that a resend gets
+            # the same answer even when the rules would now say something else.
+            """CREATE TABLE IF NOT EXISTS rejections (
+                prediction_id TEXT PRIMARY KEY, miner_hotkey TEXT NOT NULL,
+                body TEXT NOT NULL, message TEXT NOT NULL, received_at TEXT NOT NULL)""",
+        ),
     )
 
     ACCEPTED = "Prediction accepted"
@@ -196,8 +203,9 @@ class ValidatorStore(_Store):
     ) -> list[PredictionResult]:
         """Check and store predictions in one transaction (one fsync); a result each.
 
-        Idempotent: a prediction already stored with the same content from the
-        same miner is answered as before and not stored again.
+        Idempotent: a prediction already answered, with the same content from the
+        same miner, is answered as before (accepted ones are not stored again);
+        the same prediction_id with other content or from another miner is an error.
         """
         moment = now or _now()
         day = utc_day(moment)
@@ -222,6 +230,12 @@ class ValidatorStore(_Store):
                         "WHERE prediction_id=?",
                         (pid,),
                     ).fetchone()
+                    if old is None:
+                        old = db.execute(
+                            "SELECT miner_hotkey, body, 'error' AS status, message FROM rejections "
+                            "WHERE prediction_id=?",
+                            (pid,),
+                        ).fetchone()
                     if old is not None:
                         if old["miner_hotkey"] == miner_hotkey and old["body"] == body:
                             results.append(_result(pid, old["status"], old["message"]))
@@ -236,6 +250,12 @@ class ValidatorStore(_Store):
                     games[key] = self.game(key) if game_id is not None else None
                 reason = check_prediction(data, game=games[key], wagered_today=wagered, now=moment)
                 if reason is not None:
+                    if pid is not None:
+                        db.execute(
+                            "INSERT INTO rejections (prediction_id, miner_hotkey, body, message, "
+                            "received_at) VALUES (?, ?, ?, ?, ?)",
+                            (pid, miner_hotkey, body, reason, received_at),
+                        )
                     results.append(_result(pid, "error", reason))
                     continue
                 assert pid is not None

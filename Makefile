@@ -23,8 +23,10 @@ test: lint
 demo: venv
 	$(BIN)/bettensor-ws demo
 
+# Both always run; the exit status is micro.py's (run.py reports its targets and exits 0).
 bench: venv
-	$(BIN)/python benchmarks/micro.py
+	status=0; $(BIN)/python benchmarks/micro.py || status=$$?; \
+	$(BIN)/python benchmarks/run.py && exit $$status
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -8,20 +8,22 @@ task it starts, handler calls included, so nothing outlives it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
-from .codec import decode, encode
+from .codec import decode_obj, encode, loads_checked
 from .dispatch import Dispatcher
 from .errors import DecodeError
 from .messages import (
+    ConfirmationMessage,
     ErrorMessage,
     HeartbeatAckMessage,
     HeartbeatMessage,
     WebSocketMessage,
+    now_iso,
 )
 from .outbound import Frame, OutboundQueue
 from .ratelimit import TokenBucket
@@ -54,6 +56,11 @@ CLOSE_INTERNAL = 1011
 # replying "no handler" to these could ping-pong errors between two peers.
 _SILENT_TYPES = frozenset({"error", "heartbeat_ack", "welcome"})
 _LOG_TRUNCATE = 300
+BATCH = "batch"
+_MAX_PENDING_RESULTS = 50_000
+# Stands in the reply queue for "every result gathered so far, as one signed
+# batched confirmation"; the writer builds it when it gets there.
+_RESULTS = Frame("confirmation", "")
 
 
 class LinkClosed(Exception):
@@ -146,6 +153,8 @@ class Connection:
         self.closed = trio.Event()
         self.frames_in = 0
         self.frames_out = 0
+        self._results: list[dict[str, Any]] = []
+        self._results_queued = False
 
     # ---- what handlers and managers call -------------------------------------------------
 
@@ -169,6 +178,33 @@ class Connection:
             await self._queue.put_reply(frame)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             raise LinkClosed(f"connection to {self.hotkey} is closed") from None
+
+    async def send_results(self, results: Sequence[dict[str, Any]]) -> None:
+        """Answer predictions with ``{"prediction_id", "status", "message"}`` results.
+
+        To a peer that announced ``batch``, every result queued before the
+        writer gets to them goes out as one batched confirmation, signed once;
+        to any other peer, one confirmation per result, as the reference expects.
+        """
+        if BATCH not in self.features:
+            for result in results:
+                await self.send_json({"type": "confirmation", **result, "timestamp": now_iso()})
+            return
+        if len(self._results) + len(results) > _MAX_PENDING_RESULTS:
+            self.close(CLOSE_POLICY, "slow consumer")
+            raise LinkClosed(f"connection to {self.hotkey} is not reading its confirmations")
+        self._results.extend(results)
+        if not self._results_queued:
+            self._results_queued = True
+            await self.send_frame(_RESULTS)
+
+    def _take_results(self) -> Frame:
+        results, self._results, self._results_queued = self._results, [], False
+        message = sign(
+            ConfirmationMessage(sender="", data={"results": results, "timestamp": now_iso()}),
+            self.keypair,
+        )
+        return Frame(message.type, encode(message))
 
     def offer_broadcast(self, frame: Frame) -> bool:
         """Queue an already signed frame without waiting; False if this peer is behind."""
@@ -230,6 +266,8 @@ class Connection:
         with trio.move_on_after(self._settings.close_timeout / 2):
             try:
                 while (frame := self._queue.get_nowait()) is not None:
+                    if frame is _RESULTS:
+                        frame = self._take_results()
                     await self.ws.send_message(frame.text)
                     self._stats.frames_out[frame.type] += 1
             except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
@@ -279,28 +317,35 @@ class Connection:
         if isinstance(raw, bytes):
             await self._refuse("binary frames are not supported; send JSON text")
             return None
+        obj: Any = None
         try:
-            message = decode(raw, max_size=self._settings.max_message_size)
+            obj = loads_checked(raw, max_size=self._settings.max_message_size)
+            message = decode_obj(obj)
         except DecodeError as exc:
-            await self._refuse(str(exc))
+            nonce = obj.get("nonce") if isinstance(obj, dict) else None
+            await self._refuse(str(exc), nonce if isinstance(nonce, str) else None)
             return None
         if message.sender != self.hotkey:
-            await self._refuse("sender does not match the authenticated hotkey")
+            await self._refuse("sender does not match the authenticated hotkey", message.nonce)
             return None
         if not verify(message):
-            await self._refuse("bad signature")
+            await self._refuse("bad signature", message.nonce)
             return None
         problem = self._guard.check(message.sender, message.nonce, message.timestamp)
         if problem is not None:
-            await self._refuse(problem)
+            await self._refuse(problem, message.nonce)
             return None
         return message
 
-    async def _refuse(self, reason: str) -> None:
+    async def _refuse(self, reason: str, nonce: str | None = None) -> None:
+        """Answer a refused frame; ``refused_nonce`` lets the sender tell which one."""
         self._stats.reject(reason)
         log.warning("refused a frame from %s: %s", self.hotkey, reason)
         if self._settings.reply_errors:
-            await self.send_message(ErrorMessage(sender="", data={"message": reason}))
+            data: dict[str, Any] = {"message": reason}
+            if nonce is not None:
+                data["refused_nonce"] = nonce
+            await self.send_message(ErrorMessage(sender="", data=data))
 
     async def _dispatch(self, message: WebSocketMessage) -> None:
         try:
@@ -318,6 +363,8 @@ class Connection:
         send_timeout = self._settings.send_timeout
         while True:
             frame = await self._queue.get()
+            if frame is _RESULTS:
+                frame = self._take_results()
             with trio.move_on_after(send_timeout) as scope:
                 await self.ws.send_message(frame.text)
             if scope.cancelled_caught:

@@ -16,7 +16,10 @@ from typing import Any
 
 import trio
 
-from .connection import Connection, LinkClosed
+from .codec import encode
+from .committer import GroupCommitter
+from .connection import BATCH, Connection, LinkClosed
+from .dispatch import INTERNAL_ERROR
 from .messages import (
     ConfirmationMessage,
     GameUpdateMessage,
@@ -25,18 +28,17 @@ from .messages import (
     now_iso,
 )
 from .miner import MinerWebSocketManager
+from .outbound import Frame
 from .payloads import TeamGame, converter
 from .ratelimit import TokenBucket
-from .rules import DAILY_WAGER_LIMIT
-from .signing import Signer
-from .store import DbThread, MinerStore, ValidatorStore
+from .rules import DAILY_WAGER_LIMIT, prediction_id_of
+from .signing import Signer, sign
+from .store import DbThread, MinerStore, PredictionResult, ValidatorStore
 from .validator import ValidatorWebSocketManager
 
 __all__ = ["MinerNode", "Strategy", "ValidatorNode", "favourite_strategy"]
 
 log = logging.getLogger("bettensor_ws.node")
-
-BATCH = "batch"
 
 
 class ValidatorNode(ValidatorWebSocketManager):
@@ -49,20 +51,52 @@ class ValidatorNode(ValidatorWebSocketManager):
 
     def __init__(self, keypair: Signer, db_path: str | Path, metagraph: Any = None, **kwargs: Any) -> None:
         kwargs.setdefault("features", (BATCH,))
+        # Handlers wait for their group commit; let several per connection wait
+        # at once so one miner's pipeline is not one fsync per prediction.
+        kwargs.setdefault("handler_concurrency", 64)
         super().__init__(keypair, metagraph, **kwargs)
         self.store = ValidatorStore(db_path)
         self.db = DbThread()
+        self.committer = GroupCommitter(self.store.submit_many, self.db)
+        self._committing = False
         self.register_handler("prediction", self.handle_prediction)
         self.on_connect(self.send_upcoming_games)
 
+    async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve miners, with the group committer running beside the connections."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self._run_committer)
+            port = await nursery.start(super().serve)
+            task_status.started(port)
+
+    async def _run_committer(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self._committing = True
+        try:
+            await self.committer.run(task_status=task_status)
+        finally:
+            self._committing = False
+
     async def handle_prediction(self, websocket: Connection, message: WebSocketMessage) -> None:
+        """Validate, store, confirm: answers leave only once their group is committed."""
         assert isinstance(message, PredictionMessage)
-        results = await self.db.run(self.store.submit, websocket.hotkey, message.raw_predictions())
-        if message.is_batch:
-            reply: dict[str, Any] = {"type": "confirmation", "results": results, "timestamp": now_iso()}
+        predictions = message.raw_predictions()
+        try:
+            if self._committing:
+                results = await self.committer.submit(websocket.hotkey, predictions)
+            else:  # used without serve(), e.g. a handler test: commit on its own
+                results = await self.db.run(self.store.submit, websocket.hotkey, predictions)
+        except Exception:
+            log.exception("storing %d predictions from %s failed", len(predictions), websocket.hotkey)
+            results = [
+                PredictionResult(prediction_id=prediction_id_of(p), status="error", message=INTERNAL_ERROR)
+                for p in predictions
+            ]
+        if BATCH in getattr(websocket, "features", ()):
+            await websocket.send_results(results)
+        elif message.is_batch:
+            await websocket.send_json({"type": "confirmation", "results": results, "timestamp": now_iso()})
         else:
-            reply = {"type": "confirmation", **results[0], "timestamp": now_iso()}
-        await websocket.send_json(reply)
+            await websocket.send_json({"type": "confirmation", **results[0], "timestamp": now_iso()})
 
     async def send_upcoming_games(self, connection: Connection) -> None:
         """Right after Welcome: every active game not yet started, as one update."""
@@ -123,11 +157,25 @@ def favourite_strategy(wager: float = 1.0, miner_uid: str = "0", model_name: str
     return predict
 
 
+TRANSIENT_REFUSALS = (
+    "rate limited",
+    "stale timestamp",
+    "future timestamp",
+    "replayed nonce",
+    "replay guard full",
+    INTERNAL_ERROR,
+)
+"""Refusals that say nothing about the prediction itself: it stays pending."""
+
+
 class _Outbox:
     """One validator's in-flight window: what was sent and not yet answered."""
 
     def __init__(self) -> None:
         self.inflight: dict[str, float] = {}
+        # which predictions each sent frame carried, so a refusal naming the
+        # frame's nonce can settle them; expires with the in-flight window
+        self.by_nonce: dict[str, tuple[float, list[str]]] = {}
         self.wake = trio.Event()
 
     def poke(self) -> None:
@@ -177,13 +225,20 @@ class MinerNode(MinerWebSocketManager):
         self._predicting = trio.Lock()
         self.register_handler("confirmation", self.handle_confirmation)
         self.register_handler("game_update", self.handle_game_updates)
+        self.register_handler("error", self.handle_error)
         self.on_connect(self.run_outbox)
 
     # ---- the seed's handlers --------------------------------------------------------------
 
     async def handle_confirmation(self, websocket: Connection, message: WebSocketMessage) -> None:
         assert isinstance(message, ConfirmationMessage)
-        results = [(r.prediction_id, r.status, r.message) for r in message.results if r.prediction_id]
+        # "Internal server error" is the validator failing, not a verdict: the
+        # prediction stays pending and goes again.
+        results = [
+            (r.prediction_id, r.status, r.message)
+            for r in message.results
+            if r.prediction_id and not (r.status == "error" and r.message == INTERNAL_ERROR)
+        ]
         await self.db.run(self.store.record_results, websocket.hotkey, results)
         outbox = self._outboxes.get(websocket.hotkey)
         now = trio.current_time()
@@ -197,6 +252,31 @@ class MinerNode(MinerWebSocketManager):
                 log.warning("prediction %s rejected by %s", pid, websocket.hotkey)
         if outbox is not None:
             outbox.poke()
+
+    async def handle_error(self, websocket: Connection, message: WebSocketMessage) -> None:
+        """A refused prediction frame: settle its predictions, unless the refusal is transient.
+
+        Rate limits, clock skew and validator failures leave them pending (they
+        go again after ``retry_after``); a malformed prediction would be refused
+        forever, so it is recorded as rejected with the validator's reason.
+        """
+        reason = str(message.data.get("message", ""))
+        nonce = message.data.get("refused_nonce")
+        outbox = self._outboxes.get(websocket.hotkey)
+        if outbox is None or not isinstance(nonce, str) or nonce not in outbox.by_nonce:
+            log.warning("validator %s refused a frame: %s", websocket.hotkey, reason)
+            return
+        _, pids = outbox.by_nonce.pop(nonce)
+        if reason.startswith(TRANSIENT_REFUSALS):
+            return
+        await self.db.run(
+            self.store.record_results, websocket.hotkey, [(pid, "error", reason) for pid in pids]
+        )
+        for pid in pids:
+            outbox.inflight.pop(pid, None)
+            self.sent_at.pop(f"{websocket.hotkey}/{pid}", None)
+        log.warning("validator %s refused %d predictions: %s", websocket.hotkey, len(pids), reason)
+        outbox.poke()
 
     async def handle_game_updates(self, websocket: Connection, message: WebSocketMessage) -> None:
         assert isinstance(message, GameUpdateMessage)
@@ -260,6 +340,9 @@ class MinerNode(MinerWebSocketManager):
             for pid, sent in list(outbox.inflight.items()):
                 if now - sent >= self.retry_after:
                     del outbox.inflight[pid]
+            for nonce, (sent, _) in list(outbox.by_nonce.items()):
+                if now - sent >= self.retry_after:
+                    del outbox.by_nonce[nonce]
             room = self.window - len(outbox.inflight)
             pending: list[dict[str, Any]] = []
             if room > 0:
@@ -285,12 +368,16 @@ class MinerNode(MinerWebSocketManager):
         self, connection: Connection, outbox: _Outbox, predictions: list[dict[str, Any]], data: dict[str, Any]
     ) -> None:
         now = trio.current_time()
+        pids = []
         for prediction in predictions:
             pid = str(prediction.get("prediction_id"))
+            pids.append(pid)
             outbox.inflight[pid] = now
             self.sent_at.setdefault(f"{connection.hotkey}/{pid}", now)
+        signed = sign(PredictionMessage(sender=self.hotkey, data=data), self.keypair)
+        outbox.by_nonce[signed.nonce] = (now, pids)
         try:
-            await connection.send_message(PredictionMessage(sender=self.hotkey, data=data))
+            await connection.send_frame(Frame(signed.type, encode(signed)))
         except LinkClosed:
             return
 

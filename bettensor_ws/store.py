@@ -201,78 +201,99 @@ class ValidatorStore(_Store):
     def submit(
         self, miner_hotkey: str, predictions: Sequence[dict[str, Any]], now: datetime | None = None
     ) -> list[PredictionResult]:
-        """Check and store predictions in one transaction (one fsync); a result each.
+        """Check and store one miner's predictions in one transaction; a result each."""
+        return self.submit_many([(miner_hotkey, predictions)], now)[0]
+
+    def submit_many(
+        self,
+        jobs: Sequence[tuple[str, Sequence[dict[str, Any]]]],
+        now: datetime | None = None,
+    ) -> list[list[PredictionResult]]:
+        """Check and store every job's predictions in ONE transaction (one fsync).
+
+        Jobs are taken in order, as if submitted one after another, so group
+        commit changes how often the disk syncs, never an answer.
 
         Idempotent: a prediction already answered, with the same content from the
         same miner, is answered as before (accepted ones are not stored again);
         the same prediction_id with other content or from another miner is an error.
         """
         moment = now or _now()
-        day = utc_day(moment)
-        received_at = moment.isoformat()
-        results: list[PredictionResult] = []
+        batch = _Batch(moment)
         db = self.db
         db.execute("BEGIN IMMEDIATE")
         try:
-            wagered = float(
-                db.execute(
-                    "SELECT COALESCE(SUM(wager), 0) FROM predictions WHERE miner_hotkey=? AND day=?",
-                    (miner_hotkey, day),
-                ).fetchone()[0]
-            )
-            games: dict[str, dict[str, Any] | None] = {}
-            for data in predictions:
-                pid = prediction_id_of(data)
-                body = canonical(data)
-                if pid is not None:
-                    old = db.execute(
-                        "SELECT miner_hotkey, body, status, message FROM predictions "
-                        "WHERE prediction_id=?",
-                        (pid,),
-                    ).fetchone()
-                    if old is None:
-                        old = db.execute(
-                            "SELECT miner_hotkey, body, 'error' AS status, message FROM rejections "
-                            "WHERE prediction_id=?",
-                            (pid,),
-                        ).fetchone()
-                    if old is not None:
-                        if old["miner_hotkey"] == miner_hotkey and old["body"] == body:
-                            results.append(_result(pid, old["status"], old["message"]))
-                        else:
-                            results.append(
-                                _result(pid, "error", "prediction_id already used for another prediction")
-                            )
-                        continue
-                game_id = data.get("game_id")
-                key = str(game_id)
-                if key not in games:
-                    games[key] = self.game(key) if game_id is not None else None
-                reason = check_prediction(data, game=games[key], wagered_today=wagered, now=moment)
-                if reason is not None:
-                    if pid is not None:
-                        db.execute(
-                            "INSERT INTO rejections (prediction_id, miner_hotkey, body, message, "
-                            "received_at) VALUES (?, ?, ?, ?, ?)",
-                            (pid, miner_hotkey, body, reason, received_at),
-                        )
-                    results.append(_result(pid, "error", reason))
-                    continue
-                assert pid is not None
-                wager = float(data["wager"])
-                db.execute(
-                    "INSERT INTO predictions (prediction_id, miner_hotkey, game_id, wager, "
-                    "predicted_outcome, body, received_at, day, status, message) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'success', ?)",
-                    (pid, miner_hotkey, key, wager, str(data["predicted_outcome"]), body,
-                     received_at, day, self.ACCEPTED),
-                )
-                wagered += wager
-                results.append(_result(pid, "success", self.ACCEPTED))
+            results = [self._submit(batch, hotkey, predictions) for hotkey, predictions in jobs]
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
+        return results
+
+    def _submit(
+        self, batch: _Batch, miner_hotkey: str, predictions: Sequence[dict[str, Any]]
+    ) -> list[PredictionResult]:
+        db = self.db
+        results: list[PredictionResult] = []
+        wagered = batch.wagered.get(miner_hotkey)
+        if wagered is None:
+            wagered = float(
+                db.execute(
+                    "SELECT COALESCE(SUM(wager), 0) FROM predictions WHERE miner_hotkey=? AND day=?",
+                    (miner_hotkey, batch.day),
+                ).fetchone()[0]
+            )
+        for data in predictions:
+            pid = prediction_id_of(data)
+            body = canonical(data)
+            if pid is not None:
+                old = db.execute(
+                    "SELECT miner_hotkey, body, status, message FROM predictions "
+                    "WHERE prediction_id=?",
+                    (pid,),
+                ).fetchone()
+                if old is None:
+                    old = db.execute(
+                        "SELECT miner_hotkey, body, 'error' AS status, message FROM rejections "
+                        "WHERE prediction_id=?",
+                        (pid,),
+                    ).fetchone()
+                if old is not None:
+                    if old["miner_hotkey"] == miner_hotkey and old["body"] == body:
+                        results.append(_result(pid, old["status"], old["message"]))
+                    else:
+                        results.append(
+                            _result(pid, "error", "prediction_id already used for another prediction")
+                        )
+                    continue
+            game_id = data.get("game_id")
+            key = str(game_id)
+            if key not in batch.games:
+                batch.games[key] = self.game(key) if game_id is not None else None
+            reason = check_prediction(
+                data, game=batch.games[key], wagered_today=wagered, now=batch.moment
+            )
+            if reason is not None:
+                if pid is not None:
+                    db.execute(
+                        "INSERT INTO rejections (prediction_id, miner_hotkey, body, message, "
+                        "received_at) VALUES (?, ?, ?, ?, ?)",
+                        (pid, miner_hotkey, body, reason, batch.received_at),
+                    )
+                results.append(_result(pid, "error", reason))
+                continue
+            assert pid is not None
+            wager = float(data["wager"])
+            db.execute(
+                "INSERT INTO predictions (prediction_id, miner_hotkey, game_id, wager, "
+                "predicted_outcome, body, received_at, day, status, message) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'success', ?)",
+                (pid, miner_hotkey, key, wager, str(data["predicted_outcome"]), body,
+                 batch.received_at, batch.day, self.ACCEPTED),
+            )
+            wagered += wager
+            results.append(_result(pid, "success", self.ACCEPTED))
+        batch.wagered[miner_hotkey] = wagered
         return results
 
     def prediction(self, prediction_id: str) -> dict[str, Any] | None:
@@ -295,6 +316,17 @@ class ValidatorStore(_Store):
                 "GROUP BY miner_hotkey ORDER BY miner_hotkey"
             )
         ]
+
+
+class _Batch:
+    """What one transaction reads once: the moment, games, each miner's wagers today."""
+
+    def __init__(self, moment: datetime) -> None:
+        self.moment = moment
+        self.day = utc_day(moment)
+        self.received_at = moment.isoformat()
+        self.games: dict[str, dict[str, Any] | None] = {}
+        self.wagered: dict[str, float] = {}
 
 
 def _result(prediction_id: str | None, status: str, message: str) -> PredictionResult:

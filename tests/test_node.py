@@ -506,3 +506,32 @@ async def test_rate_limited_predictions_stay_pending_and_go_again(
             nursery.cancel_scope.cancel()
     finally:
         close_all(*[n for n in (validator, miner) if n is not None])
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["single-messages", "batches"])
+async def test_a_malformed_prediction_is_settled_as_rejected_not_resent_forever(
+    alice: Keypair, miner_keys: list[Keypair], tmp_path: Path, batched: bool
+) -> None:
+    """The validator refuses the frame naming its nonce; the miner records the reason."""
+    validator = ValidatorNode(alice, tmp_path / "validator.db", features=("batch",) if batched else ())
+    games = upcoming_games(1)
+    validator.store.upsert_games(games)
+    miner: MinerNode | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(validator.serve)
+            miner = make_miner(miner_keys[3], validator, port, tmp_path / "miner.db", retry_after=0.2)
+            bad = {**make_prediction("bad-wager", games[0]), "wager": "1"}
+            await miner.submit_predictions([bad])
+            await nursery.start(miner.run)
+            await eventually(
+                lambda: _true_when(miner.store.delivery("bad-wager", validator.hotkey) == (
+                    "rejected",
+                    f"data{'.predictions[0]' if batched else ''}.wager: expected a number, got '1'",
+                )),
+                what="the refusal to be recorded",
+            )
+            assert await validator.db.run(validator.store.count_predictions) == 0
+            nursery.cancel_scope.cancel()
+    finally:
+        close_all(*[n for n in (validator, miner) if n is not None])

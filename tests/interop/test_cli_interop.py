@@ -246,16 +246,20 @@ RULE_CASES: dict[str, tuple[dict[str, Any], str, str]] = {
     ),
 }
 
-_CODEC_BUG = (
-    "bug: PredictionMessage.validate_data (messages.py, strict TeamGamePrediction view, run by "
-    "codec.parse_message) refuses the frame with a generic 'error' message before the rules "
-    "run, so the miner gets no confirmation with the rule's reason and its outbox resends forever"
-)
-XFAIL_RULE_CASES: dict[str, tuple[dict[str, Any], str, str]] = {
-    'wager "0" (a string)': (prediction(wager="0"), "error", rules.BAD_WAGER),
-    'wager "abc" (a string)': (prediction(wager="abc"), "error", rules.BAD_WAGER),
-    "missing prediction_id": (prediction(prediction_id=_DROP), "error", rules.MISSING_DATA),
+# Values of the wrong type never reach the rules: the payload is checked while
+# decoding (issue 2), and the frame is refused with a signed "error" that names
+# the field and carries the refused frame's nonce, so a miner can settle it.
+WRONG_TYPE_CASES: dict[str, tuple[dict[str, Any], str]] = {
+    'wager "0" (a string)': (prediction(wager="0"), "data.wager: expected a number, got '0'"),
+    'wager "abc" (a string)': (prediction(wager="abc"), "data.wager: expected a number, got 'abc'"),
+    "missing prediction_id": (prediction(prediction_id=_DROP), "data.prediction_id: required field missing"),
 }
+
+
+async def _refusal(s: Session, data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    sent = await s.miner.send_signed("prediction", data)
+    frame = await s.miner.recv_json(timeout=STEP)
+    return sent, frame
 
 
 def _check_rule(validator: Validator, data: dict[str, Any], status: str, message: str) -> None:
@@ -279,11 +283,12 @@ def test_rules(validator: Validator, case: str) -> None:
     _check_rule(validator, *RULE_CASES[case])
 
 
-@pytest.mark.parametrize(
-    "case", [pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=_CODEC_BUG)) for c in XFAIL_RULE_CASES]
-)
-def test_rules_for_values_of_the_wrong_type(validator: Validator, case: str) -> None:
-    _check_rule(validator, *XFAIL_RULE_CASES[case])
+@pytest.mark.parametrize("case", list(WRONG_TYPE_CASES))
+def test_values_of_the_wrong_type_are_refused_naming_the_field(validator: Validator, case: str) -> None:
+    data, reason = WRONG_TYPE_CASES[case]
+    sent, frame = run_session(validator.url, fresh_miner(), lambda s: _refusal(s, data))
+    assert frame["type"] == "error" and verify_envelope(frame), frame
+    assert frame["data"] == {"message": reason, "refused_nonce": sent["nonce"]}
 
 
 def test_daily_limit_after_a_success(validator: Validator) -> None:
@@ -380,18 +385,18 @@ def test_batch_gets_one_result_per_prediction_in_order(validator: Validator) -> 
     ]
 
 
-@pytest.mark.xfail(strict=True, reason=_CODEC_BUG + "; in a batch, one such item costs every other its answer")
-def test_batch_with_one_value_of_the_wrong_type(validator: Validator) -> None:
+def test_batch_with_one_value_of_the_wrong_type_is_refused_whole(validator: Validator) -> None:
+    """The frame is refused as a whole, naming the item; nothing in it is stored."""
     batch = [prediction(), prediction(wager="1")]
-
-    async def steps(s: Session) -> dict[str, Any]:
-        return await s.confirm({"predictions": batch})
-
-    result = run_session(validator.url, fresh_miner(), steps, features=["batch"])
-    assert [(r["status"], r["message"]) for r in result["results"]] == [
-        ("success", ACCEPTED),
-        ("error", rules.BAD_WAGER),
-    ]
+    sent, frame = run_session(
+        validator.url, fresh_miner(), lambda s: _refusal(s, {"predictions": batch}), features=["batch"]
+    )
+    assert frame["type"] == "error" and verify_envelope(frame), frame
+    assert frame["data"] == {
+        "message": "data.predictions[1].wager: expected a number, got '1'",
+        "refused_nonce": sent["nonce"],
+    }
+    assert all(validator.stored(p["prediction_id"]) is None for p in batch)
 
 
 def test_sigterm_with_a_miner_connected(tmp_path: Path) -> None:

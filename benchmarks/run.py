@@ -43,6 +43,7 @@ ROOT = HERE.parent
 RESULTS = HERE / "results"
 PYTHON = sys.executable
 CLI = str(Path(sys.executable).parent / "bettensor-ws")
+PROFILE_DIR: Path | None = None
 CONTENDERS = ("ours", "floor", "baseline")
 SCENARIOS = ("throughput", "latency", "batched", "scale", "broadcast")
 RATES = [250, 500, 1000, 2000, 4000]
@@ -111,6 +112,10 @@ class Server:
                 cmd += ["--feed-games", str(BROADCAST_GAMES), "--feed-interval", str(BROADCAST_INTERVAL)]
             else:
                 cmd += ["--games", str(games_file)]
+            if PROFILE_DIR is not None:  # --profile: the same run under pyinstrument
+                report = PROFILE_DIR / f"{tag}.txt"
+                cmd = [PYTHON, "-m", "pyinstrument", "-r", "text", "-o", str(report),
+                       "-m", "bettensor_ws.cli", *cmd[1:]]
         elif contender == "floor":
             cmd = [PYTHON, str(HERE / "floor.py")]
             if broadcast:
@@ -417,7 +422,12 @@ def main() -> int:
     parser.add_argument("--contenders", default=",".join(CONTENDERS), help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(RESULTS), help="output folder (default benchmarks/results)")
     parser.add_argument("--readme", action="store_true", help="also put the table in benchmarks/README.md")
+    parser.add_argument("--profile", metavar="DIR", help="run our validator under pyinstrument, reports in DIR")
     args = parser.parse_args()
+    global PROFILE_DIR
+    if args.profile:
+        PROFILE_DIR = Path(args.profile).resolve()
+        PROFILE_DIR.mkdir(parents=True, exist_ok=True)
     scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     unknown = set(scenarios) - set(SCENARIOS)
     if unknown:
@@ -449,7 +459,8 @@ def main() -> int:
                           f"{c}: {_brief(scenario, result)}", flush=True)
             (tmp / f"frames-{scenario}.pkl").unlink(missing_ok=True)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not os.environ.get("BENCH_KEEP"):
+            shutil.rmtree(tmp, ignore_errors=True)
     elapsed = time.monotonic() - started
 
     for c in CONTENDERS:

@@ -26,6 +26,9 @@ __all__ = ["main"]
 log = logging.getLogger("bettensor_ws.cli")
 
 
+SWITCH_INTERVAL = 0.0005
+
+
 class UsageError(Exception):
     """Something the operator can fix; printed as one line, exit 2."""
 
@@ -150,6 +153,10 @@ async def _until_signalled(nursery: trio.Nursery) -> None:
 
 
 async def run_validator(args: argparse.Namespace) -> None:
+    # The DB thread hands the GIL back and forth with a busy event loop on every
+    # SQLite call; with the default 5 ms switch interval each hand-back can stall
+    # a group commit for that long.
+    sys.setswitchinterval(SWITCH_INTERVAL)
     from .feed import SimulatedFeed, load_games_file
     from .node import ValidatorNode
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import orjson
@@ -43,7 +44,8 @@ def loads_checked(raw: str | bytes, *, max_size: int = DEFAULT_MAX_SIZE) -> Any:
         if literal is not None:
             raise DecodeError(f"non-finite number {literal} is not JSON: {text}") from None
         raise DecodeError(f"invalid JSON: {text}") from None
-    _check_tree(value)
+    if type(value) is dict or type(value) is list:
+        _check_tree(value, long_numbers=_LONG_DIGITS.search(raw) is not None)
     return value
 
 
@@ -67,24 +69,29 @@ stdlib peer would sign a different text than we verify; refusing it keeps both s
 reading the same value."""
 
 
-def _check_tree(value: Any) -> None:
-    """Reject deep nesting, NaN/Infinity and out-of-range numbers, without recursion."""
+def _check_tree(value: Any, *, long_numbers: bool = True) -> None:
+    """Reject deep nesting, NaN/Infinity and out-of-range numbers, without recursion.
+
+    ``long_numbers=False`` says the text has no run of 19 digits, so no number
+    in it can be out of range and floats need no look.
+    """
     stack: list[tuple[Any, int]] = [(value, 0)]
     while stack:
         item, depth = stack.pop()
-        if isinstance(item, dict):
-            if depth >= MAX_DEPTH:
-                raise DecodeError(f"nesting too deep (more than {MAX_DEPTH} levels)")
-            stack.extend((v, depth + 1) for v in item.values() if isinstance(v, dict | list | float))
-        elif isinstance(item, list):
-            if depth >= MAX_DEPTH:
-                raise DecodeError(f"nesting too deep (more than {MAX_DEPTH} levels)")
-            stack.extend((v, depth + 1) for v in item if isinstance(v, dict | list | float))
-        elif isinstance(item, float):
-            if not math.isfinite(item):
-                raise DecodeError(f"non-finite number {item!r}")
-            if abs(item) >= MAX_MAGNITUDE:
-                raise DecodeError(f"number {item!r} out of range (magnitude 2**63 or more)")
+        if depth >= MAX_DEPTH:
+            raise DecodeError(f"nesting too deep (more than {MAX_DEPTH} levels)")
+        for child in item.values() if type(item) is dict else item:
+            kind = type(child)
+            if kind is dict or kind is list:
+                stack.append((child, depth + 1))
+            elif kind is float and long_numbers:
+                if not math.isfinite(child):
+                    raise DecodeError(f"non-finite number {child!r}")
+                if abs(child) >= MAX_MAGNITUDE:
+                    raise DecodeError(f"number {child!r} out of range (magnitude 2**63 or more)")
+
+
+_LONG_DIGITS = re.compile(rb"\d{19}")
 
 
 def decode(raw: str | bytes, *, max_size: int = DEFAULT_MAX_SIZE) -> WebSocketMessage:

@@ -22,6 +22,7 @@ from .payloads import (
     ConfirmationResult,
     TeamGame,
     TeamGamePrediction,
+    check_payload,
     structure_payload,
 )
 
@@ -97,6 +98,11 @@ class WebSocketMessage:
         """Check ``data`` while decoding; raise DecodeError, or return a typed view to cache."""
         return None
 
+    @classmethod
+    def build_view(cls, data: dict[str, Any]) -> Any:
+        """The typed view of ``data``, built on first use (by default: what validation returned)."""
+        return cls.validate_data(data)
+
     def to_dict(self) -> dict[str, Any]:
         """The wire envelope, with exactly the reference's keys."""
         return {
@@ -110,7 +116,7 @@ class WebSocketMessage:
 
     def _typed(self) -> Any:
         if self._view is None:
-            self._view = type(self).validate_data(self.data)
+            self._view = type(self).build_view(self.data)
         return self._view
 
 
@@ -189,6 +195,12 @@ def _init_params(cls: type[WebSocketMessage]) -> tuple[frozenset[str], bool]:
     return names, takes_kwargs
 
 
+def _check_prediction(raw: Any, path: str) -> None:
+    if type(raw) is dict and "prediction_id" not in raw and "id" in raw:
+        raw = {**raw, "prediction_id": raw["id"]}
+    check_payload(raw, TeamGamePrediction, path)
+
+
 def _prediction_view(raw: Any, path: str) -> TeamGamePrediction:
     if isinstance(raw, dict) and "prediction_id" not in raw and "id" in raw:
         raw = {**raw, "prediction_id": raw["id"]}
@@ -207,11 +219,22 @@ class PredictionMessage(WebSocketMessage):
     MESSAGE_TYPE: ClassVar[str] = "prediction"
 
     @classmethod
-    def validate_data(cls, data: dict[str, Any]) -> list[TeamGamePrediction]:
+    def validate_data(cls, data: dict[str, Any]) -> None:
+        """Check every prediction (cheaply: no objects built); views come on first use."""
         batch = data.get("predictions")
         if isinstance(batch, list) and "prediction_id" not in data and "id" not in data:
             if not batch:
                 raise DecodeError("data.predictions: a batch needs at least one prediction")
+            for i, item in enumerate(batch):
+                _check_prediction(item, f"data.predictions[{i}]")
+        else:
+            _check_prediction(data, "data")
+        return None
+
+    @classmethod
+    def build_view(cls, data: dict[str, Any]) -> list[TeamGamePrediction]:
+        batch = data.get("predictions")
+        if isinstance(batch, list) and "prediction_id" not in data and "id" not in data:
             return [_prediction_view(item, f"data.predictions[{i}]") for i, item in enumerate(batch)]
         return [_prediction_view(data, "data")]
 

@@ -25,6 +25,7 @@ __all__ = [
     "ConfirmationResult",
     "TeamGame",
     "TeamGamePrediction",
+    "check_payload",
     "converter",
     "structure_payload",
 ]
@@ -176,6 +177,81 @@ def _make_converter() -> cattrs.Converter:
 
 converter = _make_converter()
 """The one converter all payloads go through; strict about scalar types."""
+
+
+Check = Callable[[Any], str | None]
+
+
+def _check_with(hook: Callable[[Any, Any], Any]) -> Check:
+    def check(value: Any) -> str | None:
+        try:
+            hook(value, None)
+        except ValueError as exc:
+            return str(exc)
+        return None
+
+    return check
+
+
+def _check_float(value: Any) -> str | None:
+    # the hot path of every prediction: plain type tests before any call
+    if type(value) is float:
+        return None if math.isfinite(value) else f"expected a finite number, got {value!r}"
+    if type(value) is int:
+        return None
+    return f"expected a number, got {_type_name(value)}"
+
+
+def _check_str(value: Any) -> str | None:
+    return None if type(value) is str else f"expected a string, got {_type_name(value)}"
+
+
+_SCALAR_CHECKS: dict[Any, Check] = {
+    float: _check_float,
+    str: _check_str,
+    bool: _check_with(_strict_bool),
+    str | int: _check_with(_str_or_int),
+    Literal["success", "error"]: _check_with(_status),
+    dict[str, Any]: _check_with(_plain_dict),
+}
+_FIELD_TABLES: dict[type[Any], tuple[tuple[str, bool, bool, Check], ...]] = {}
+
+
+def _field_table(cls: type[Any]) -> tuple[tuple[str, bool, bool, Check], ...]:
+    """(name, required, nullable, check) per field, resolved once per class."""
+    table = _FIELD_TABLES.get(cls)
+    if table is None:
+        rows = []
+        for field in attrs.fields(attrs.resolve_types(cls)):
+            type_ = field.type
+            nullable = get_origin(type_) in (Union, UnionType) and NoneType in get_args(type_)
+            if nullable:
+                rest: Any = tuple(a for a in get_args(type_) if a is not NoneType)
+                type_ = rest[0] if len(rest) == 1 else Union[rest]  # noqa: UP007
+            rows.append((field.name, field.default is attrs.NOTHING, nullable, _SCALAR_CHECKS[type_]))
+        table = _FIELD_TABLES[cls] = tuple(rows)
+    return table
+
+
+def check_payload(raw: Any, cls: type[Any], path: str) -> None:
+    """Raise DecodeError unless ``raw`` would structure into ``cls``, without building it.
+
+    Same verdicts and messages as :func:`structure_payload`, at a fraction of
+    the cost: this runs for every prediction of every batch.
+    """
+    if type(raw) is not dict:
+        raise DecodeError(f"{path}: expected an object, got {_type_name(raw)}")
+    for name, required, nullable, check in _field_table(cls):
+        if name not in raw:
+            if required:
+                raise DecodeError(f"{path}.{name}: required field missing")
+            continue
+        value = raw[name]
+        if value is None and nullable:
+            continue
+        problem = check(value)
+        if problem is not None:
+            raise DecodeError(f"{path}.{name}: {problem}")
 
 
 def structure_payload(raw: Any, cls: type[Any], path: str) -> Any:

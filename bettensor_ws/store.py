@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+import orjson
 import trio
 
 from .payloads import TeamGame, converter
@@ -51,7 +52,7 @@ CREATE TABLE IF NOT EXISTS games (
 
 def canonical(data: dict[str, Any]) -> str:
     """Key-sorted JSON: equal content gives equal text, for idempotency checks."""
-    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return orjson.dumps(data, option=orjson.OPT_SORT_KEYS).decode("utf-8")
 
 
 def _now() -> datetime:
@@ -198,6 +199,19 @@ class ValidatorStore(_Store):
 
     ACCEPTED = "Prediction accepted"
 
+    def __init__(self, path: str | Path) -> None:
+        super().__init__(path)
+        # Read on every prediction, written only here: kept in memory so a group
+        # commit makes no per-game or per-miner queries.
+        self._game_cache: dict[str, dict[str, Any] | None] = {}
+        self._day_wagers: dict[tuple[str, str], float] = {}
+
+    def upsert_games(self, games: Iterable[TeamGame | dict[str, Any]]) -> list[str]:
+        changed = super().upsert_games(games)
+        for game_id in changed:
+            self._game_cache.pop(game_id, None)
+        return changed
+
     def submit(
         self, miner_hotkey: str, predictions: Sequence[dict[str, Any]], now: datetime | None = None
     ) -> list[PredictionResult]:
@@ -217,55 +231,56 @@ class ValidatorStore(_Store):
         Idempotent: a prediction already answered, with the same content from the
         same miner, is answered as before (accepted ones are not stored again);
         the same prediction_id with other content or from another miner is an error.
+
+        The whole group costs a handful of SQLite calls (one lookup, one sum,
+        one multi-row insert per table): each call releases the GIL, and on a
+        busy event loop every re-acquisition can wait a whole switch interval.
         """
-        moment = now or _now()
-        batch = _Batch(moment)
+        batch = _Batch(now or _now())
         db = self.db
         db.execute("BEGIN IMMEDIATE")
         try:
-            results = [self._submit(batch, hotkey, predictions) for hotkey, predictions in jobs]
+            batch.answered = self._answered(
+                [pid for _, predictions in jobs for pid in map(prediction_id_of, predictions) if pid]
+            )
+            batch.wagered = self._wagered({hotkey for hotkey, _ in jobs}, batch.day)
+            batch.games = self._game_cache
+            results = [self._decide(batch, hotkey, predictions) for hotkey, predictions in jobs]
+            _insert_rows(
+                db,
+                "predictions (prediction_id, miner_hotkey, game_id, wager, predicted_outcome, "
+                "body, received_at, day, status, message)",
+                batch.accepted,
+            )
+            _insert_rows(
+                db, "rejections (prediction_id, miner_hotkey, body, message, received_at)", batch.refused
+            )
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
+        self._day_wagers.update(((h, batch.day), total) for h, total in batch.wagered.items())
         return results
 
-    def _submit(
+    def _decide(
         self, batch: _Batch, miner_hotkey: str, predictions: Sequence[dict[str, Any]]
     ) -> list[PredictionResult]:
-        db = self.db
+        """Answer one job's predictions against what the group has seen so far."""
         results: list[PredictionResult] = []
-        wagered = batch.wagered.get(miner_hotkey)
-        if wagered is None:
-            wagered = float(
-                db.execute(
-                    "SELECT COALESCE(SUM(wager), 0) FROM predictions WHERE miner_hotkey=? AND day=?",
-                    (miner_hotkey, batch.day),
-                ).fetchone()[0]
-            )
+        answered = batch.answered
+        wagered = batch.wagered.get(miner_hotkey, 0.0)
         for data in predictions:
             pid = prediction_id_of(data)
             body = canonical(data)
-            if pid is not None:
-                old = db.execute(
-                    "SELECT miner_hotkey, body, status, message FROM predictions "
-                    "WHERE prediction_id=?",
-                    (pid,),
-                ).fetchone()
-                if old is None:
-                    old = db.execute(
-                        "SELECT miner_hotkey, body, 'error' AS status, message FROM rejections "
-                        "WHERE prediction_id=?",
-                        (pid,),
-                    ).fetchone()
-                if old is not None:
-                    if old["miner_hotkey"] == miner_hotkey and old["body"] == body:
-                        results.append(_result(pid, old["status"], old["message"]))
-                    else:
-                        results.append(
-                            _result(pid, "error", "prediction_id already used for another prediction")
-                        )
-                    continue
+            old = answered.get(pid) if pid is not None else None
+            if old is not None:
+                if old[0] == miner_hotkey and old[1] == body:
+                    results.append(_result(pid, old[2], old[3]))
+                else:
+                    results.append(
+                        _result(pid, "error", "prediction_id already used for another prediction")
+                    )
+                continue
             game_id = data.get("game_id")
             key = str(game_id)
             if key not in batch.games:
@@ -275,26 +290,55 @@ class ValidatorStore(_Store):
             )
             if reason is not None:
                 if pid is not None:
-                    db.execute(
-                        "INSERT INTO rejections (prediction_id, miner_hotkey, body, message, "
-                        "received_at) VALUES (?, ?, ?, ?, ?)",
-                        (pid, miner_hotkey, body, reason, batch.received_at),
-                    )
+                    batch.refused.append((pid, miner_hotkey, body, reason, batch.received_at))
+                    answered[pid] = (miner_hotkey, body, "error", reason)
                 results.append(_result(pid, "error", reason))
                 continue
             assert pid is not None
             wager = float(data["wager"])
-            db.execute(
-                "INSERT INTO predictions (prediction_id, miner_hotkey, game_id, wager, "
-                "predicted_outcome, body, received_at, day, status, message) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'success', ?)",
+            batch.accepted.append(
                 (pid, miner_hotkey, key, wager, str(data["predicted_outcome"]), body,
-                 batch.received_at, batch.day, self.ACCEPTED),
+                 batch.received_at, batch.day, "success", self.ACCEPTED)
             )
+            answered[pid] = (miner_hotkey, body, "success", self.ACCEPTED)
             wagered += wager
             results.append(_result(pid, "success", self.ACCEPTED))
         batch.wagered[miner_hotkey] = wagered
         return results
+
+    def _answered(self, ids: list[str]) -> dict[str, tuple[str, str, str, str]]:
+        """(miner, body, status, message) already recorded for any of ``ids``."""
+        found: dict[str, tuple[str, str, str, str]] = {}
+        unique = list(dict.fromkeys(ids))
+        for start in range(0, len(unique), _MAX_PARAMS // 2):
+            chunk = unique[start : start + _MAX_PARAMS // 2]
+            marks = ",".join("?" * len(chunk))
+            for row in self.db.execute(
+                "SELECT prediction_id, miner_hotkey, body, 'error', message FROM rejections "
+                f"WHERE prediction_id IN ({marks}) UNION ALL "
+                "SELECT prediction_id, miner_hotkey, body, status, message FROM predictions "
+                f"WHERE prediction_id IN ({marks})",
+                chunk + chunk,
+            ):
+                found[row[0]] = (row[1], row[2], row[3], row[4])
+        return found
+
+    def _wagered(self, hotkeys: set[str], day: str) -> dict[str, float]:
+        """Each miner's stored wagers on ``day``; summed from disk once, then kept up to date."""
+        totals = {h: self._day_wagers[(h, day)] for h in hotkeys if (h, day) in self._day_wagers}
+        missing = sorted(hotkeys - totals.keys())
+        if missing:
+            if len(self._day_wagers) > 100_000:  # old days: forget rather than grow
+                self._day_wagers.clear()
+            marks = ",".join("?" * len(missing))
+            totals.update(dict.fromkeys(missing, 0.0))
+            for hotkey, total in self.db.execute(
+                "SELECT miner_hotkey, SUM(wager) FROM predictions "
+                f"WHERE day=? AND miner_hotkey IN ({marks}) GROUP BY miner_hotkey",
+                [day, *missing],
+            ):
+                totals[hotkey] = float(total)
+        return totals
 
     def prediction(self, prediction_id: str) -> dict[str, Any] | None:
         row = self.db.execute(
@@ -318,8 +362,27 @@ class ValidatorStore(_Store):
         ]
 
 
+_MAX_PARAMS = 30_000
+"""Bound parameters per statement, under SQLite's default limit of 32,766."""
+
+
+def _insert_rows(db: sqlite3.Connection, target: str, rows: list[tuple[Any, ...]]) -> None:
+    """Insert ``rows`` with as few statements as the parameter limit allows."""
+    if not rows:
+        return
+    width = len(rows[0])
+    per_statement = _MAX_PARAMS // width
+    placeholder = "(" + ",".join("?" * width) + ")"
+    for start in range(0, len(rows), per_statement):
+        chunk = rows[start : start + per_statement]
+        db.execute(
+            f"INSERT INTO {target} VALUES {','.join([placeholder] * len(chunk))}",
+            [value for row in chunk for value in row],
+        )
+
+
 class _Batch:
-    """What one transaction reads once: the moment, games, each miner's wagers today."""
+    """One transaction's working state: what it read once, and the rows it will write."""
 
     def __init__(self, moment: datetime) -> None:
         self.moment = moment
@@ -327,6 +390,9 @@ class _Batch:
         self.received_at = moment.isoformat()
         self.games: dict[str, dict[str, Any] | None] = {}
         self.wagered: dict[str, float] = {}
+        self.answered: dict[str, tuple[str, str, str, str]] = {}
+        self.accepted: list[tuple[Any, ...]] = []
+        self.refused: list[tuple[Any, ...]] = []
 
 
 def _result(prediction_id: str | None, status: str, message: str) -> PredictionResult:

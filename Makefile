@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo bench lint clean
+.PHONY: venv test test-reliability soak demo bench lint clean
 
 venv: $(STAMP)
 
@@ -19,6 +19,14 @@ lint: venv
 
 test: lint
 	$(BIN)/pytest
+
+# The long forms of the reliability suite; a short form of each runs in `make test`.
+test-reliability: venv
+	$(BIN)/pytest -m reliability
+
+# 64 miners for 10 minutes: memory, errors and latency over time (not in CI).
+soak: venv
+	$(BIN)/pytest -m soak -s
 
 demo: venv
 	$(BIN)/bettensor-ws demo

@@ -132,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--wager", type=float, default=1.0)
     m.add_argument("--heartbeat-interval", type=float, default=60.0)
     m.add_argument("--connection-timeout", type=float, default=300.0)
+    m.add_argument(
+        "--reconnect-max", type=float, default=60.0,
+        help="longest wait between reconnect attempts, in seconds (at least 1)",
+    )
     _add_wallet(m)
 
     d = sub.add_parser("demo", help="a validator and miners on loopback, then a summary")
@@ -220,11 +224,14 @@ async def run_miner(args: argparse.Namespace) -> None:
     validators = [_parse_validator_arg(v) for v in args.validator]
     if not 0 < args.wager <= DAILY_WAGER_LIMIT:
         raise UsageError(f"--wager must be a positive number, at most {DAILY_WAGER_LIMIT:g}")
+    if not args.reconnect_max >= 1.0:  # also refuses nan
+        raise UsageError("--reconnect-max must be at least 1 (the first reconnect waits 1 s)")
     keypair = load_keypair(args)
     node = _open_store(
         lambda: MinerNode(
             keypair, validators, args.db, wager=args.wager,
             heartbeat_interval=args.heartbeat_interval, connection_timeout=args.connection_timeout,
+            max_reconnect_interval=args.reconnect_max,
         ),
         args.db,
     )

@@ -25,13 +25,15 @@ log = logging.getLogger("bettensor_ws.committer")
 SubmitMany = Callable[[Sequence[tuple[str, Sequence[dict[str, Any]]]]], list[list[PredictionResult]]]
 
 
+Answer = Callable[[list[PredictionResult] | None], None]
+"""Called in the committer's task with a job's results, or None if its commit failed."""
+
+
 @attrs.define(eq=False)
 class _Job:
     hotkey: str
     predictions: Sequence[dict[str, Any]]
-    done: trio.Event = attrs.field(factory=trio.Event)
-    results: list[PredictionResult] | None = None
-    error: BaseException | None = None
+    answer: Answer
 
 
 class GroupCommitter:
@@ -51,19 +53,33 @@ class GroupCommitter:
         self.groups = 0
         self.committed = 0
 
+    async def enqueue(self, hotkey: str, predictions: Sequence[dict[str, Any]], answer: Answer) -> None:
+        """Queue predictions; ``answer`` gets their results once they are committed.
+
+        Returns as soon as the job is queued (waiting only while the queue is
+        full), so a connection's reader goes straight on to its next frame:
+        pipelining without a task per message. ``answer`` must not block.
+        """
+        await self._send.send(_Job(hotkey, predictions, answer))
+
     async def submit(self, hotkey: str, predictions: Sequence[dict[str, Any]]) -> list[PredictionResult]:
         """Results for ``predictions``, returned once they are committed.
 
-        Raises what the store raised, so the caller answers with an error and
-        the miner keeps the predictions pending.
+        Raises RuntimeError if the commit failed, so the caller can answer with
+        an error and the miner keeps the predictions pending.
         """
-        job = _Job(hotkey, predictions)
-        await self._send.send(job)
-        await job.done.wait()
-        if job.error is not None:
-            raise RuntimeError("commit failed") from job.error
-        assert job.results is not None
-        return job.results
+        done = trio.Event()
+        box: list[list[PredictionResult] | None] = []
+
+        def answer(results: list[PredictionResult] | None) -> None:
+            box.append(results)
+            done.set()
+
+        await self.enqueue(hotkey, predictions, answer)
+        await done.wait()
+        if box[0] is None:
+            raise RuntimeError("commit failed")
+        return box[0]
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Commit groups until cancelled; a failed commit fails only its group."""
@@ -82,14 +98,19 @@ class GroupCommitter:
                 results = await self._db.run(
                     self._submit_many, [(job.hotkey, job.predictions) for job in jobs]
                 )
-            except Exception as exc:
+            except Exception:
                 log.exception("group commit of %d predictions failed", size)
                 for job in jobs:
-                    job.error = exc
-                    job.done.set()
+                    self._answer(job, None)
                 continue
             self.groups += 1
             self.committed += size
             for job, result in zip(jobs, results, strict=True):
-                job.results = result
-                job.done.set()
+                self._answer(job, result)
+
+    @staticmethod
+    def _answer(job: _Job, results: list[PredictionResult] | None) -> None:
+        try:
+            job.answer(results)
+        except Exception:  # one connection's reply failing must not stop the committer
+            log.exception("answering %d predictions of %s failed", len(job.predictions), job.hotkey)

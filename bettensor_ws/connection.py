@@ -58,9 +58,6 @@ _SILENT_TYPES = frozenset({"error", "heartbeat_ack", "welcome"})
 _LOG_TRUNCATE = 300
 BATCH = "batch"
 _MAX_PENDING_RESULTS = 50_000
-# Stands in the reply queue for "every result gathered so far, as one signed
-# batched confirmation"; the writer builds it when it gets there.
-_RESULTS = Frame("confirmation", "")
 
 
 class LinkClosed(Exception):
@@ -154,7 +151,6 @@ class Connection:
         self.frames_in = 0
         self.frames_out = 0
         self._results: list[dict[str, Any]] = []
-        self._results_queued = False
 
     # ---- what handlers and managers call -------------------------------------------------
 
@@ -182,24 +178,47 @@ class Connection:
     async def send_results(self, results: Sequence[dict[str, Any]]) -> None:
         """Answer predictions with ``{"prediction_id", "status", "message"}`` results.
 
-        To a peer that announced ``batch``, every result queued before the
+        To a peer that announced ``batch``, every result gathered before the
         writer gets to them goes out as one batched confirmation, signed once;
         to any other peer, one confirmation per result, as the reference expects.
         """
-        if BATCH not in self.features:
-            for result in results:
-                await self.send_json({"type": "confirmation", **result, "timestamp": now_iso()})
+        if BATCH in self.features:
+            self.queue_results(results)
+            await trio.lowlevel.checkpoint()
             return
-        if len(self._results) + len(results) > _MAX_PENDING_RESULTS:
-            self.close(CLOSE_POLICY, "slow consumer")
-            raise LinkClosed(f"connection to {self.hotkey} is not reading its confirmations")
-        self._results.extend(results)
-        if not self._results_queued:
-            self._results_queued = True
-            await self.send_frame(_RESULTS)
+        for result in results:
+            await self.send_json({"type": "confirmation", **result, "timestamp": now_iso()})
+
+    def queue_results(self, results: Sequence[dict[str, Any]]) -> None:
+        """Like :meth:`send_results`, without waiting: for tasks that serve many peers.
+
+        A peer that does not read its answers is closed rather than allowed to
+        hold the caller up: with ``batch``, once more than 50,000 results wait;
+        without, once its reply queue is full.
+        """
+        if self._close_requested:
+            return
+        if BATCH in self.features:
+            if len(self._results) + len(results) > _MAX_PENDING_RESULTS:
+                self.close(CLOSE_POLICY, "slow consumer")
+                return
+            self._results.extend(results)
+            self._queue.wake()
+            return
+        for result in results:
+            reply = sign(
+                ConfirmationMessage(sender="", data={**result, "timestamp": now_iso()}), self.keypair
+            )
+            try:
+                queued = self._queue.put_reply_nowait(Frame(reply.type, encode(reply)))
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                return
+            if not queued:
+                self.close(CLOSE_POLICY, "slow consumer")
+                return
 
     def _take_results(self) -> Frame:
-        results, self._results, self._results_queued = self._results, [], False
+        results, self._results = self._results, []
         message = sign(
             ConfirmationMessage(sender="", data={"results": results, "timestamp": now_iso()}),
             self.keypair,
@@ -265,9 +284,9 @@ class Connection:
             return
         with trio.move_on_after(self._settings.close_timeout / 2):
             try:
+                if self._results:
+                    await self.ws.send_message(self._take_results().text)
                 while (frame := self._queue.get_nowait()) is not None:
-                    if frame is _RESULTS:
-                        frame = self._take_results()
                     await self.ws.send_message(frame.text)
                     self._stats.frames_out[frame.type] += 1
             except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
@@ -362,9 +381,9 @@ class Connection:
     async def _writer(self) -> None:
         send_timeout = self._settings.send_timeout
         while True:
-            frame = await self._queue.get()
-            if frame is _RESULTS:
-                frame = self._take_results()
+            frame = self._take_results() if self._results else await self._queue.get()
+            if frame is None:
+                continue
             with trio.move_on_after(send_timeout) as scope:
                 await self.ws.send_message(frame.text)
             if scope.cancelled_caught:

@@ -51,9 +51,6 @@ class ValidatorNode(ValidatorWebSocketManager):
 
     def __init__(self, keypair: Signer, db_path: str | Path, metagraph: Any = None, **kwargs: Any) -> None:
         kwargs.setdefault("features", (BATCH,))
-        # Handlers wait for their group commit; let several per connection wait
-        # at once so one miner's pipeline is not one fsync per prediction.
-        kwargs.setdefault("handler_concurrency", 64)
         super().__init__(keypair, metagraph, **kwargs)
         self.store = ValidatorStore(db_path)
         self.db = DbThread()
@@ -77,23 +74,31 @@ class ValidatorNode(ValidatorWebSocketManager):
             self._committing = False
 
     async def handle_prediction(self, websocket: Connection, message: WebSocketMessage) -> None:
-        """Validate, store, confirm: answers leave only once their group is committed."""
+        """Validate, store, confirm: answers leave only once their group is committed.
+
+        Under :meth:`serve` the handler only queues the predictions; the
+        committer answers on the connection when their group is durable, so a
+        miner's next frames are read meanwhile.
+        """
         assert isinstance(message, PredictionMessage)
         predictions = message.raw_predictions()
-        try:
-            if self._committing:
-                results = await self.committer.submit(websocket.hotkey, predictions)
-            else:  # used without serve(), e.g. a handler test: commit on its own
-                results = await self.db.run(self.store.submit, websocket.hotkey, predictions)
+        is_batch = message.is_batch
+        if self._committing and isinstance(websocket, Connection):
+            conn = websocket
+
+            def answer(results: list[PredictionResult] | None) -> None:
+                conn.queue_results(results or _internal_errors(predictions))
+
+            await self.committer.enqueue(websocket.hotkey, predictions, answer)
+            return
+        try:  # without serve() (a handler test, a MockWebSocket): commit on its own
+            results = await self.db.run(self.store.submit, websocket.hotkey, predictions)
         except Exception:
             log.exception("storing %d predictions from %s failed", len(predictions), websocket.hotkey)
-            results = [
-                PredictionResult(prediction_id=prediction_id_of(p), status="error", message=INTERNAL_ERROR)
-                for p in predictions
-            ]
+            results = _internal_errors(predictions)
         if BATCH in getattr(websocket, "features", ()):
             await websocket.send_results(results)
-        elif message.is_batch:
+        elif is_batch:
             await websocket.send_json({"type": "confirmation", "results": results, "timestamp": now_iso()})
         else:
             await websocket.send_json({"type": "confirmation", **results[0], "timestamp": now_iso()})
@@ -114,6 +119,14 @@ class ValidatorNode(ValidatorWebSocketManager):
 
     def close(self) -> None:
         self.store.close()
+
+
+def _internal_errors(predictions: Sequence[dict[str, Any]]) -> list[PredictionResult]:
+    """The answer when storing failed: the miner keeps these pending and resends."""
+    return [
+        PredictionResult(prediction_id=prediction_id_of(p), status="error", message=INTERNAL_ERROR)
+        for p in predictions
+    ]
 
 
 Strategy = Callable[[Sequence[dict[str, Any]]], list[dict[str, Any]]]

@@ -58,20 +58,28 @@ class OutboundQueue:
             + self._bcast_send.statistics().current_buffer_used
         )
 
-    async def get(self) -> Frame:
-        """The next frame, replies first; waits while both are empty."""
-        while True:
-            try:
-                frame = self._reply_recv.receive_nowait()
-            except trio.WouldBlock:
-                try:
-                    frame = self._bcast_recv.receive_nowait()
-                except trio.WouldBlock:
-                    self._ready = trio.Event()
-                    await self._ready.wait()
-                    continue
-                self.full_since = None
-            return frame
+    async def get(self) -> Frame | None:
+        """The next frame, replies first; waits while both are empty.
+
+        Returns None when woken by :meth:`wake` with nothing queued, so the
+        writer can look at work kept outside the queue (batched results).
+        """
+        try:
+            return self._reply_recv.receive_nowait()
+        except trio.WouldBlock:
+            pass
+        try:
+            frame = self._bcast_recv.receive_nowait()
+        except trio.WouldBlock:
+            self._ready = trio.Event()
+            await self._ready.wait()
+            return None
+        self.full_since = None
+        return frame
+
+    def wake(self) -> None:
+        """Wake the writer without queueing a frame."""
+        self._ready.set()
 
     def get_nowait(self) -> Frame | None:
         """The next frame without waiting (replies first), or None when empty."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
 from typing import Any
 
 import orjson
@@ -45,7 +44,7 @@ def loads_checked(raw: str | bytes, *, max_size: int = DEFAULT_MAX_SIZE) -> Any:
             raise DecodeError(f"non-finite number {literal} is not JSON: {text}") from None
         raise DecodeError(f"invalid JSON: {text}") from None
     if type(value) is dict or type(value) is list:
-        _check_tree(value, long_numbers=_LONG_DIGITS.search(raw) is not None)
+        _check_tree(value)
     return value
 
 
@@ -69,12 +68,8 @@ stdlib peer would sign a different text than we verify; refusing it keeps both s
 reading the same value."""
 
 
-def _check_tree(value: Any, *, long_numbers: bool = True) -> None:
-    """Reject deep nesting, NaN/Infinity and out-of-range numbers, without recursion.
-
-    ``long_numbers=False`` says the text has no run of 19 digits, so no number
-    in it can be out of range and floats need no look.
-    """
+def _check_tree(value: Any) -> None:
+    """Reject deep nesting, NaN/Infinity and out-of-range numbers, without recursion."""
     stack: list[tuple[Any, int]] = [(value, 0)]
     while stack:
         item, depth = stack.pop()
@@ -84,14 +79,10 @@ def _check_tree(value: Any, *, long_numbers: bool = True) -> None:
             kind = type(child)
             if kind is dict or kind is list:
                 stack.append((child, depth + 1))
-            elif kind is float and long_numbers:
+            elif kind is float and not -MAX_MAGNITUDE < child < MAX_MAGNITUDE:
                 if not math.isfinite(child):
                     raise DecodeError(f"non-finite number {child!r}")
-                if abs(child) >= MAX_MAGNITUDE:
-                    raise DecodeError(f"number {child!r} out of range (magnitude 2**63 or more)")
-
-
-_LONG_DIGITS = re.compile(rb"\d{19}")
+                raise DecodeError(f"number {child!r} out of range (magnitude 2**63 or more)")
 
 
 def decode(raw: str | bytes, *, max_size: int = DEFAULT_MAX_SIZE) -> WebSocketMessage:

@@ -21,7 +21,6 @@ from .backoff import Backoff
 from .codec import decode, encode, loads_checked
 from .connection import (
     CLOSE_GOING_AWAY,
-    CLOSE_INTERNAL,
     CLOSE_NORMAL,
     CLOSE_POLICY,
     Connection,
@@ -31,21 +30,18 @@ from .connection import (
     first_leaf,
     hold_transport,
 )
-from .dispatch import Dispatcher, Handler
 from .errors import DecodeError
+from .manager import Manager
 from .messages import WebSocketMessage, WelcomeMessage
 from .outbound import Frame
-from .replay import ReplayGuard
 from .replies import to_message
 from .signing import Signer, build_auth, sign, verify
-from .stats import Stats
 
 __all__ = ["HandshakeRefused", "MinerWebSocketManager", "StreamOpener"]
 
 log = logging.getLogger("bettensor_ws.miner")
 
 StreamOpener = Callable[[str], Awaitable[trio.abc.Stream]]
-ConnectHook = Callable[[Connection], Awaitable[None]]
 
 FEATURES: tuple[str, ...] = ()
 
@@ -54,7 +50,7 @@ class HandshakeRefused(Exception):
     """The validator refused us, or proved not to be who we expected."""
 
 
-class MinerWebSocketManager:
+class MinerWebSocketManager(Manager):
     """Holds a connection to every listed validator, reconnecting with backoff.
 
     ``validators`` pairs each validator's ss58 hotkey with its URL
@@ -81,8 +77,20 @@ class MinerWebSocketManager:
         features: Iterable[str] = FEATURES,
         stream_opener: StreamOpener | None = None,
     ) -> None:
-        self.keypair = keypair
-        self.hotkey: str = keypair.ss58_address
+        super().__init__(
+            keypair,
+            settings=ConnectionSettings(
+                heartbeat_interval=heartbeat_interval,
+                connection_timeout=connection_timeout,
+                send_timeout=send_timeout,
+                max_message_size=max_message_size,
+                rate_limit=None,
+                handler_concurrency=handler_concurrency,
+                reply_errors=False,
+            ),
+            replay_window=replay_window,
+            features=features,
+        )
         self.validators: dict[str, str] = dict(validators)
         self.reconnect_base_interval = reconnect_base_interval
         self.max_reconnect_interval = max_reconnect_interval
@@ -90,49 +98,17 @@ class MinerWebSocketManager:
         self.connect_timeout = connect_timeout
         self.max_message_size = max_message_size
         self.ssl_context = ssl_context
-        self.features = tuple(features)
-        self.settings = ConnectionSettings(
-            heartbeat_interval=heartbeat_interval,
-            connection_timeout=connection_timeout,
-            send_timeout=send_timeout,
-            max_message_size=max_message_size,
-            rate_limit=None,
-            handler_concurrency=handler_concurrency,
-            reply_errors=False,
-        )
-        self.dispatcher = Dispatcher()
-        self.guard = ReplayGuard(replay_window)
-        self._stats = Stats()
         self._open_stream = stream_opener or self._open_tcp
-        self._connections: dict[str, Connection] = {}
-        self._connect_hooks: list[ConnectHook] = []
         self._changed = trio.Event()
         self.last_error: dict[str, str] = {}
 
     # ---- configuration ---------------------------------------------------------------------
-
-    def register_handler(self, message_type: str, handler: Handler) -> None:
-        """Handle ``message_type`` with ``async def handler(websocket, message)``."""
-        self.dispatcher.register_handler(message_type, handler)
-
-    def unregister_handler(self, message_type: str) -> Handler | None:
-        return self.dispatcher.unregister_handler(message_type)
-
-    def on_connect(self, hook: ConnectHook) -> None:
-        """Run ``await hook(connection)`` after each successful handshake (resend here)."""
-        self._connect_hooks.append(hook)
 
     # ---- state -----------------------------------------------------------------------------
 
     @property
     def connected_validators(self) -> list[str]:
         return list(self._connections)
-
-    def connection(self, validator_hotkey: str) -> Connection | None:
-        return self._connections.get(validator_hotkey)
-
-    def stats(self) -> dict[str, Any]:
-        return self._stats.snapshot(len(self._connections))
 
     async def wait_connected(self, validator_hotkey: str | None = None) -> None:
         """Wait until connected to that validator, or to any when None."""
@@ -293,16 +269,7 @@ class MinerWebSocketManager:
         problem = self.guard.check(welcome.sender, welcome.nonce, welcome.timestamp)
         if problem is not None:
             raise HandshakeRefused(f"welcome refused: {problem}")
-        return Connection(
-            ws,
-            keypair=self.keypair,
-            peer_hotkey=validator_hotkey,
-            features=welcome.features & frozenset(self.features),
-            dispatcher=self.dispatcher,
-            guard=self.guard,
-            stats=self._stats,
-            settings=self.settings,
-        )
+        return self._connection(ws, validator_hotkey, welcome.features)
 
     async def _run_connection(self, conn: Connection) -> None:
         self._connections[conn.hotkey] = conn
@@ -311,18 +278,7 @@ class MinerWebSocketManager:
         self._notify()
         log.info("connected to validator %s", conn.hotkey)
         try:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(conn.run)
-                for hook in self._connect_hooks:
-                    try:
-                        await hook(conn)
-                    except LinkClosed:
-                        break
-                    except Exception:  # a failing hook ends this link only, as a task failure
-                        log.exception("on_connect hook failed for %s", conn.hotkey)
-                        conn.close(CLOSE_INTERNAL, "Internal error")
-                        break
-                await conn.closed.wait()
+            await self._serve_connection(conn)
         finally:
             if self._connections.get(conn.hotkey) is conn:
                 del self._connections[conn.hotkey]

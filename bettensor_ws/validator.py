@@ -25,21 +25,18 @@ from .connection import (
     close_quietly,
     hold_transport,
 )
-from .dispatch import Dispatcher, Handler
 from .errors import AuthError, DecodeError
+from .manager import Manager
 from .messages import GameUpdateMessage, WebSocketMessage, WelcomeMessage, now_iso
 from .outbound import Frame
 from .payloads import TeamGame, converter
-from .replay import ReplayGuard
 from .replies import to_message
 from .signing import REASON_AUTH_TIMEOUT, REASON_MALFORMED, Signer, check_auth, sign
-from .stats import Stats
 
 __all__ = ["ValidatorWebSocketManager"]
 
 log = logging.getLogger("bettensor_ws.validator")
 
-ConnectHook = Callable[[Connection], Awaitable[None]]
 
 FEATURES: tuple[str, ...] = ()
 
@@ -51,7 +48,7 @@ def _hotkeys_of(metagraph: Any) -> frozenset[str] | None:
     return frozenset(str(h) for h in hotkeys)
 
 
-class ValidatorWebSocketManager:
+class ValidatorWebSocketManager(Manager):
     """Serves miners on ``ws://host:port/ws``.
 
     ``metagraph`` is anything with ``.hotkeys`` (a Bittensor metagraph), a
@@ -78,45 +75,31 @@ class ValidatorWebSocketManager:
         ssl_context: ssl.SSLContext | None = None,
         features: Iterable[str] = FEATURES,
     ) -> None:
-        self.keypair = keypair
-        self.hotkey: str = keypair.ss58_address
+        super().__init__(
+            keypair,
+            settings=ConnectionSettings(
+                heartbeat_interval=heartbeat_interval,
+                connection_timeout=connection_timeout,
+                send_timeout=send_timeout,
+                max_message_size=max_message_size,
+                rate_limit=rate_limit,
+                rate_burst=rate_burst,
+                handler_concurrency=handler_concurrency,
+                reply_errors=True,
+            ),
+            replay_window=replay_window,
+            features=features,
+        )
         self.host = host
         self.port = port
         self.auth_timeout = auth_timeout
         self.max_message_size = max_message_size
         self.ssl_context = ssl_context
-        self.features = tuple(features)
-        self.settings = ConnectionSettings(
-            heartbeat_interval=heartbeat_interval,
-            connection_timeout=connection_timeout,
-            send_timeout=send_timeout,
-            max_message_size=max_message_size,
-            rate_limit=rate_limit,
-            rate_burst=rate_burst,
-            handler_concurrency=handler_concurrency,
-            reply_errors=True,
-        )
-        self.dispatcher = Dispatcher()
-        self.guard = ReplayGuard(replay_window)
-        self._stats = Stats()
         self._allowed = _hotkeys_of(metagraph)
-        self._connections: dict[str, Connection] = {}
-        self._connect_hooks: list[ConnectHook] = []
         self._last_games_digest: str | None = None
         self.listening = trio.Event()
 
     # ---- configuration ---------------------------------------------------------------------
-
-    def register_handler(self, message_type: str, handler: Handler) -> None:
-        """Handle ``message_type`` with ``async def handler(websocket, message)``."""
-        self.dispatcher.register_handler(message_type, handler)
-
-    def unregister_handler(self, message_type: str) -> Handler | None:
-        return self.dispatcher.unregister_handler(message_type)
-
-    def on_connect(self, hook: ConnectHook) -> None:
-        """Run ``await hook(connection)`` right after each miner's Welcome."""
-        self._connect_hooks.append(hook)
 
     def is_registered(self, hotkey: str) -> bool:
         return self._allowed is None or hotkey in self._allowed
@@ -134,12 +117,6 @@ class ValidatorWebSocketManager:
     @property
     def connected_hotkeys(self) -> list[str]:
         return list(self._connections)
-
-    def connection(self, hotkey: str) -> Connection | None:
-        return self._connections.get(hotkey)
-
-    def stats(self) -> dict[str, Any]:
-        return self._stats.snapshot(len(self._connections))
 
     # ---- sending ---------------------------------------------------------------------------
 
@@ -278,16 +255,7 @@ class ValidatorWebSocketManager:
             await ws.send_message(orjson.dumps({"status": "error", "message": exc.reason}).decode())
             await close_quietly(ws, CLOSE_POLICY, exc.reason, self.settings.close_timeout)
             return None
-        return Connection(
-            ws,
-            keypair=self.keypair,
-            peer_hotkey=info.hotkey,
-            features=info.features & frozenset(self.features),
-            dispatcher=self.dispatcher,
-            guard=self.guard,
-            stats=self._stats,
-            settings=self.settings,
-        )
+        return self._connection(ws, info.hotkey, info.features)
 
     async def _run_connection(self, conn: Connection) -> None:
         # The Welcome is queued before the connection is listed, so no broadcast
@@ -304,17 +272,7 @@ class ValidatorWebSocketManager:
         self._stats.connections_total += 1
         log.info("miner %s connected", conn.hotkey)
         try:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(conn.run)
-                try:
-                    for hook in self._connect_hooks:
-                        await hook(conn)
-                except LinkClosed:
-                    pass
-                except Exception:  # a failing hook ends this connection only, as a task failure
-                    log.exception("on_connect hook failed for %s", conn.hotkey)
-                    conn.close(CLOSE_INTERNAL, "Internal error")
-                await conn.closed.wait()
+            await self._serve_connection(conn)
         finally:
             if self._connections.get(conn.hotkey) is conn:
                 del self._connections[conn.hotkey]

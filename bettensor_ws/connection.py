@@ -11,6 +11,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+import attrs
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
@@ -64,35 +65,24 @@ class LinkClosed(Exception):
     """Sending on a connection that has closed."""
 
 
+@attrs.define
 class ConnectionSettings:
     """Per-connection limits and timings shared by every connection of a manager."""
 
-    def __init__(
-        self,
-        *,
-        heartbeat_interval: float = 60.0,
-        connection_timeout: float = 300.0,
-        send_timeout: float = 10.0,
-        max_message_size: int = 1 << 20,
-        rate_limit: float | None = None,
-        rate_burst: int = 200,
-        flood_strikes: int | None = None,
-        handler_concurrency: int = 1,
-        send_queue_size: int = 256,
-        close_timeout: float = 1.0,
-        reply_errors: bool = True,
-    ) -> None:
-        self.heartbeat_interval = heartbeat_interval
-        self.connection_timeout = connection_timeout
-        self.send_timeout = send_timeout
-        self.max_message_size = max_message_size
-        self.rate_limit = rate_limit
-        self.rate_burst = rate_burst
-        self.flood_strikes = flood_strikes if flood_strikes is not None else max(rate_burst, 20)
-        self.handler_concurrency = handler_concurrency
-        self.send_queue_size = send_queue_size
-        self.close_timeout = close_timeout
-        self.reply_errors = reply_errors
+    heartbeat_interval: float = 60.0
+    connection_timeout: float = 300.0
+    send_timeout: float = 10.0
+    max_message_size: int = 1 << 20
+    rate_limit: float | None = None
+    rate_burst: int = 200
+    flood_strikes: int = attrs.field(
+        default=attrs.Factory(lambda self: max(self.rate_burst, 20), takes_self=True)
+    )
+    """Consecutive rate-limit refusals before a peer is closed."""
+    handler_concurrency: int = 1
+    send_queue_size: int = 256
+    close_timeout: float = 1.0
+    reply_errors: bool = True
 
 
 def first_leaf(exc: BaseException) -> BaseException:

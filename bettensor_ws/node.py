@@ -295,8 +295,12 @@ class MinerNode(MinerWebSocketManager):
         assert isinstance(message, GameUpdateMessage)
         games = message.data.get("games", [])
         changed = await self.db.run(self.store.upsert_games, games)
-        if changed:
-            wanted = set(changed)
+        # New or changed games, and any stored game still unpredicted: a link that
+        # dropped (or a miner killed) between storing an update and predicting on it
+        # would otherwise never predict that game, its resends being "unchanged".
+        predicted = await self.db.run(self.store.predicted_games)
+        wanted = set(changed) | {str(g["game_id"]) for g in games if str(g["game_id"]) not in predicted}
+        if wanted:
             await self.trigger_predictions_for_updated_games(
                 [g for g in games if str(g["game_id"]) in wanted]
             )

@@ -8,8 +8,10 @@ __all__ = ["TokenBucket"]
 class TokenBucket:
     """``rate`` tokens a second, at most ``burst`` saved up.
 
-    ``strikes`` counts refusals since the last accepted take, so a caller can
-    tell a burst that overran from a peer that keeps flooding.
+    ``strikes`` is refusals minus accepted takes (never below zero), so a caller
+    can tell a burst that overran from a peer that keeps flooding: a flooder
+    gets far more refusals than the rate lets through and its strikes climb,
+    where resetting on every accepted take would forgive it each refill.
     """
 
     __slots__ = ("rate", "burst", "tokens", "updated", "strikes")
@@ -31,7 +33,8 @@ class TokenBucket:
             self.updated = now
         if self.tokens >= n:
             self.tokens -= n
-            self.strikes = 0
+            if self.strikes:
+                self.strikes -= 1
             return True
         self.strikes += 1
         return False

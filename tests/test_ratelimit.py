@@ -48,7 +48,7 @@ def test_clock_going_backwards_adds_nothing() -> None:
     assert bucket.take(11.0)
 
 
-def test_strikes_count_refusals_and_reset_on_success() -> None:
+def test_strikes_count_refusals_and_decay_on_success() -> None:
     bucket = TokenBucket(rate=1.0, burst=1, now=0.0)
     assert bucket.strikes == 0
     assert bucket.take(0.0)
@@ -57,7 +57,17 @@ def test_strikes_count_refusals_and_reset_on_success() -> None:
         assert not bucket.take(0.1)
         assert bucket.strikes == expected
     assert bucket.take(1.0)
+    assert bucket.strikes == 2
+    assert bucket.take(2.0) and bucket.take(3.0) and bucket.take(4.0)
     assert bucket.strikes == 0
+
+
+def test_a_flooder_keeps_its_strikes_across_refills() -> None:
+    """50/s, sending 1,000/s: one take in 20 succeeds, strikes still climb."""
+    bucket = TokenBucket(rate=50.0, burst=1, now=0.0)
+    for i in range(1000):
+        bucket.take(i / 1000)
+    assert bucket.strikes > 800
 
 
 @pytest.mark.parametrize(("rate", "burst"), [(0.0, 1), (-1.0, 1), (1.0, 0)])

@@ -6,7 +6,7 @@ import hashlib
 import logging
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import orjson
@@ -277,7 +277,3 @@ class ValidatorWebSocketManager(Manager):
             if self._connections.get(conn.hotkey) is conn:
                 del self._connections[conn.hotkey]
             log.info("miner %s disconnected (%d %s)", conn.hotkey, conn.close_code, conn.close_reason)
-
-    def serving(self, hotkeys: Collection[str]) -> bool:
-        """True when every one of ``hotkeys`` is connected."""
-        return all(h in self._connections for h in hotkeys)

@@ -3,8 +3,8 @@
 Connections hand their predictions to one committer task; while a commit is
 on the disk, new submissions queue, and the next commit takes them all. The
 group grows with the load by itself, so a quiet validator adds no delay and a
-busy one pays one sync for many predictions. Each submitter is woken with its
-own results only after its group is durable.
+busy one pays one sync for many predictions. Each job's ``answer`` gets its
+results only after its group is durable.
 """
 
 from __future__ import annotations
@@ -61,25 +61,6 @@ class GroupCommitter:
         pipelining without a task per message. ``answer`` must not block.
         """
         await self._send.send(_Job(hotkey, predictions, answer))
-
-    async def submit(self, hotkey: str, predictions: Sequence[dict[str, Any]]) -> list[PredictionResult]:
-        """Results for ``predictions``, returned once they are committed.
-
-        Raises RuntimeError if the commit failed, so the caller can answer with
-        an error and the miner keeps the predictions pending.
-        """
-        done = trio.Event()
-        box: list[list[PredictionResult] | None] = []
-
-        def answer(results: list[PredictionResult] | None) -> None:
-            box.append(results)
-            done.set()
-
-        await self.enqueue(hotkey, predictions, answer)
-        await done.wait()
-        if box[0] is None:
-            raise RuntimeError("commit failed")
-        return box[0]
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Commit groups until cancelled; a failed commit fails only its group."""

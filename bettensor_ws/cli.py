@@ -107,7 +107,11 @@ def _port(value: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="bettensor-ws", description=__doc__)
+    parser = _Parser(
+        prog="bettensor-ws",
+        description="The real-time link between Bettensor miners and validators. Bad input "
+        "prints one line on stderr and exits 2.",
+    )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: every frame)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 

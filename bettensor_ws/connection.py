@@ -177,7 +177,7 @@ class Connection:
             await trio.lowlevel.checkpoint()
             return
         for result in results:
-            await self.send_json({"type": "confirmation", **result, "timestamp": now_iso()})
+            await self.send_frame(self._confirmation(result))
 
     def queue_results(self, results: Sequence[dict[str, Any]]) -> None:
         """Like :meth:`send_results`, without waiting: for tasks that serve many peers.
@@ -196,24 +196,23 @@ class Connection:
             self._queue.wake()
             return
         for result in results:
-            reply = sign(
-                ConfirmationMessage(sender="", data={**result, "timestamp": now_iso()}), self.keypair
-            )
             try:
-                queued = self._queue.put_reply_nowait(Frame(reply.type, encode(reply)))
+                queued = self._queue.put_reply_nowait(self._confirmation(result))
             except (trio.ClosedResourceError, trio.BrokenResourceError):
                 return
             if not queued:
                 self.close(CLOSE_POLICY, "slow consumer")
                 return
 
-    def _take_results(self) -> Frame:
-        results, self._results = self._results, []
+    def _confirmation(self, data: dict[str, Any]) -> Frame:
         message = sign(
-            ConfirmationMessage(sender="", data={"results": results, "timestamp": now_iso()}),
-            self.keypair,
+            ConfirmationMessage(sender="", data={**data, "timestamp": now_iso()}), self.keypair
         )
         return Frame(message.type, encode(message))
+
+    def _take_results(self) -> Frame:
+        results, self._results = self._results, []
+        return self._confirmation({"results": results})
 
     def offer_broadcast(self, frame: Frame) -> bool:
         """Queue an already signed frame without waiting; False if this peer is behind."""

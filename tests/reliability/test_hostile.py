@@ -923,6 +923,7 @@ async def latency_under_attack(
     return figures
 
 
+@pytest.mark.reliability  # a timing comparison: kept out of `make test` on shared 2-core machines
 async def test_latency_under_attack_short(alice: Keypair) -> None:
     """Flood (1,000 frames/s, 20x the limit) + garbage + 50 slowloris held open."""
     await latency_under_attack(alice, miners=4, per_miner=50, repeats=3, auth_timeout=10.0)

@@ -52,6 +52,7 @@ from bettensor_ws import (
 from bettensor_ws.backoff import Backoff
 from bettensor_ws.outbound import Frame, OutboundQueue
 from bettensor_ws.signing import sign_dict
+from tests.helpers import count_tasks
 
 Keypair = Any  # bittensor_wallet.Keypair (fixtures alice, bob, charlie)
 
@@ -62,18 +63,6 @@ def dave() -> Keypair:
 
 
 # ---- helpers ---------------------------------------------------------------------------------
-
-
-def count_tasks() -> int:
-    """Every task alive in this run, found by walking the tree from the root task."""
-    total = 0
-    stack = [trio.lowlevel.current_root_task()]
-    while stack:
-        task = stack.pop()
-        total += 1
-        for nursery in task.child_nurseries:
-            stack.extend(nursery.child_tasks)
-    return total
 
 
 @asynccontextmanager

@@ -44,6 +44,7 @@ from bettensor_ws.messages import (
     WelcomeMessage,
 )
 from bettensor_ws.signing import build_auth, sign, sign_dict
+from tests.helpers import count_tasks
 
 STEP = 10.0  # generous bound on any single exchange over loopback
 MiB = 1 << 20
@@ -275,18 +276,6 @@ class RawWS:
 
     async def aclose(self) -> None:
         await trio.aclose_forcefully(self.stream)
-
-
-def count_tasks() -> int:
-    """Every task alive in this run, found by walking the tree from the root task."""
-    total = 0
-    stack = [trio.lowlevel.current_root_task()]
-    while stack:
-        task = stack.pop()
-        total += 1
-        for nursery in task.child_nurseries:
-            stack.extend(nursery.child_tasks)
-    return total
 
 
 def rss() -> int:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import os
 import statistics
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -38,33 +38,13 @@ import trio
 from bittensor_wallet import Keypair
 
 from bettensor_ws.node import MinerNode, ValidatorNode
+from tests.helpers import make_game
 
 MINERS = 64
 WARMUP = 0.2  # fraction of the run before RSS and latency baselines are taken
 RSS_GROWTH = 0.05
 LATENCY_FACTOR = 2.0
 LATENCY_SLACK = 0.010  # seconds
-
-
-def make_game(n: int) -> dict[str, Any]:
-    now = datetime.now(UTC)
-    can_tie = n % 3 == 0
-    return {
-        "game_id": f"soak-{n}",
-        "team_a": f"Home{n}",
-        "team_b": f"Away{n}",
-        "sport": "soccer" if can_tie else "basketball",
-        "league": "Soak League",
-        "create_date": now.isoformat(),
-        "last_update_date": now.isoformat(),
-        "event_start_date": (now + timedelta(days=2)).isoformat(),
-        "active": True,
-        "outcome": "Unfinished",
-        "team_a_odds": 1.5 if n % 2 == 0 else 2.5,
-        "team_b_odds": 2.5 if n % 2 == 0 else 1.5,
-        "tie_odds": 3.2 if can_tie else None,
-        "can_tie": can_tie,
-    }
 
 
 def pct(values: list[float], q: float) -> float:
@@ -115,7 +95,7 @@ async def soak(seconds: float, interval: float, tmp_path: Path, rss_growth: floa
                 n = 0
                 with feeding:
                     while True:
-                        await validator.update_games([make_game(n)])
+                        await validator.update_games([make_game(n, prefix="soak", league="Soak League", starts_in=timedelta(days=2))])
                         n += 1
                         await trio.sleep(1.0)
 

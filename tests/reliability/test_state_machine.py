@@ -36,7 +36,7 @@ import tempfile
 import threading
 import uuid
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -58,6 +58,7 @@ from hypothesis.stateful import (
 from bettensor_ws import PredictionMessage
 from bettensor_ws.node import MinerNode, ValidatorNode
 from bettensor_ws.store import canonical
+from tests.helpers import count_tasks, make_game
 
 T = TypeVar("T")
 
@@ -74,38 +75,6 @@ def key(uri: str) -> Keypair:
     if uri not in _KEYS:
         _KEYS[uri] = Keypair.create_from_uri(uri)
     return _KEYS[uri]
-
-
-def count_tasks() -> int:
-    total = 0
-    stack = [trio.lowlevel.current_root_task()]
-    while stack:
-        task = stack.pop()
-        total += 1
-        for nursery in task.child_nurseries:
-            stack.extend(nursery.child_tasks)
-    return total
-
-
-def make_game(n: int) -> dict[str, Any]:
-    now = datetime.now(UTC)
-    can_tie = n % 3 == 0
-    return {
-        "game_id": f"game-{n}",
-        "team_a": f"Home{n}",
-        "team_b": f"Away{n}",
-        "sport": "soccer" if can_tie else "basketball",
-        "league": "Test League",
-        "create_date": now.isoformat(),
-        "last_update_date": now.isoformat(),
-        "event_start_date": (now + timedelta(days=1)).isoformat(),
-        "active": True,
-        "outcome": "Unfinished",
-        "team_a_odds": 1.5 if n % 2 == 0 else 2.5,
-        "team_b_odds": 2.5 if n % 2 == 0 else 1.5,
-        "tie_odds": 3.2 if can_tie else None,
-        "can_tie": can_tie,
-    }
 
 
 def make_prediction(game: dict[str, Any], uid: int) -> dict[str, Any]:

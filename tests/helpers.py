@@ -1,0 +1,44 @@
+"""Small helpers several test modules share."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import trio
+
+
+def count_tasks() -> int:
+    """Every task alive in this run, found by walking the tree from the root task."""
+    total = 0
+    stack = [trio.lowlevel.current_root_task()]
+    while stack:
+        task = stack.pop()
+        total += 1
+        for nursery in task.child_nurseries:
+            stack.extend(nursery.child_tasks)
+    return total
+
+
+def make_game(
+    n: int, *, prefix: str = "game", league: str = "Test League", starts_in: timedelta = timedelta(days=1)
+) -> dict[str, Any]:
+    """An upcoming game; every third can tie, favourites alternate sides."""
+    now = datetime.now(UTC)
+    can_tie = n % 3 == 0
+    return {
+        "game_id": f"{prefix}-{n}",
+        "team_a": f"Home{n}",
+        "team_b": f"Away{n}",
+        "sport": "soccer" if can_tie else "basketball",
+        "league": league,
+        "create_date": now.isoformat(),
+        "last_update_date": now.isoformat(),
+        "event_start_date": (now + starts_in).isoformat(),
+        "active": True,
+        "outcome": "Unfinished",
+        "team_a_odds": 1.5 if n % 2 == 0 else 2.5,
+        "team_b_odds": 2.5 if n % 2 == 0 else 1.5,
+        "tie_odds": 3.2 if can_tie else None,
+        "can_tie": can_tie,
+    }

@@ -31,9 +31,10 @@ soak: venv
 demo: venv
 	$(BIN)/bettensor-ws demo
 
-# Both always run; the exit status is micro.py's (run.py reports its targets and exits 0).
+# All three run; the exit status is micro.py's (limits.py prints ceilings, run.py reports its targets; both exit 0).
 bench: venv
 	status=0; $(BIN)/python benchmarks/micro.py || status=$$?; \
+	$(BIN)/python benchmarks/limits.py && \
 	$(BIN)/python benchmarks/run.py && exit $$status
 
 clean:

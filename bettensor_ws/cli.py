@@ -126,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-message-size", type=int, default=1 << 20)
     v.add_argument("--rate-limit", type=float, default=50.0)
     v.add_argument("--rate-burst", type=int, default=200)
+    v.add_argument(
+        "--flood-cooldown", type=float, default=60.0,
+        help="seconds a miner closed for flooding is refused before it may reconnect (0: none)",
+    )
     v.add_argument("--feed-games", type=int, default=20, help="games in the simulated feed")
     v.add_argument("--feed-interval", type=float, default=5.0, help="seconds between simulated updates")
     _add_wallet(v)
@@ -168,6 +172,8 @@ async def run_validator(args: argparse.Namespace) -> None:
     from .feed import SimulatedFeed, load_games_file
     from .node import ValidatorNode
 
+    if not args.flood_cooldown >= 0:  # also refuses nan
+        raise UsageError("--flood-cooldown must be at least 0 (0: no cooldown)")
     keypair = load_keypair(args)
     games: list[dict[str, Any]] | None = None
     if args.games:
@@ -181,7 +187,7 @@ async def run_validator(args: argparse.Namespace) -> None:
             keypair, args.db, allowed, host=args.host, port=args.port,
             heartbeat_interval=args.heartbeat_interval, connection_timeout=args.connection_timeout,
             max_message_size=args.max_message_size, rate_limit=args.rate_limit,
-            rate_burst=args.rate_burst,
+            rate_burst=args.rate_burst, flood_cooldown=args.flood_cooldown,
         ),
         args.db,
     )

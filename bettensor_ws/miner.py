@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import ssl
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
@@ -45,9 +46,21 @@ StreamOpener = Callable[[str], Awaitable[trio.abc.Stream]]
 
 FEATURES: tuple[str, ...] = ()
 
+# "flood cooldown: retry in 42 s": a validator that refuses us for a while says how long
+_RETRY_HINT = re.compile(r"retry in (\d+(?:\.\d+)?) s")
+MAX_RETRY_HINT = 3600.0
+"""Longest wait a validator's hint can impose, so a bogus hint cannot park a link for good."""
+
 
 class HandshakeRefused(Exception):
-    """The validator refused us, or proved not to be who we expected."""
+    """The validator refused us, or proved not to be who we expected.
+
+    ``retry_after``: the seconds the validator asked us to wait, if it said.
+    """
+
+    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.retry_after = retry_after
 
 
 class MinerWebSocketManager(Manager):
@@ -157,10 +170,14 @@ class MinerWebSocketManager(Manager):
         backoff = Backoff(self.reconnect_base_interval, self.max_reconnect_interval)
         while True:
             started = trio.current_time()
+            asked = 0.0  # a wait the validator asked for: retrying sooner is refused anyway
             try:
                 await self._connect_once(validator_hotkey, url)
             except* HandshakeRefused as group:
-                self._failed(validator_hotkey, str(first_leaf(group)))
+                refused = first_leaf(group)
+                self._failed(validator_hotkey, str(refused))
+                if isinstance(refused, HandshakeRefused) and refused.retry_after:
+                    asked = min(refused.retry_after, MAX_RETRY_HINT)
             except* (OSError, ConnectionClosed, HandshakeError, trio.TooSlowError,
                      trio.BrokenResourceError, trio.ClosedResourceError) as group:
                 cause = first_leaf(group)
@@ -170,7 +187,7 @@ class MinerWebSocketManager(Manager):
                 self.last_error[validator_hotkey] = "internal error"
             if trio.current_time() - started >= self.stable_after:
                 backoff.reset()
-            delay = backoff.next_delay()
+            delay = max(backoff.next_delay(), asked)
             log.info("reconnecting to %s in %.1fs", validator_hotkey, delay)
             await trio.sleep(delay)
             self._stats.reconnects += 1
@@ -257,7 +274,11 @@ class MinerWebSocketManager(Manager):
         except DecodeError as exc:
             raise HandshakeRefused(f"unreadable answer to auth: {exc}") from None
         if isinstance(frame, dict) and frame.get("status") == "error" and "type" not in frame:
-            raise HandshakeRefused(f"validator refused auth: {frame.get('message', '')}")
+            reason = str(frame.get("message", ""))
+            hint = _RETRY_HINT.search(reason)
+            raise HandshakeRefused(
+                f"validator refused auth: {reason}", float(hint.group(1)) if hint else None
+            )
         try:
             welcome = decode(raw, max_size=self.max_message_size)
         except DecodeError as exc:

@@ -1,8 +1,11 @@
-"""A token bucket per connection; time is passed in, so it is tested without a clock."""
+"""A token bucket per connection and a cooldown list of flooders; time is passed in,
+so both are tested without a clock."""
 
 from __future__ import annotations
 
-__all__ = ["TokenBucket"]
+from collections import OrderedDict
+
+__all__ = ["FloodCooldown", "TokenBucket"]
 
 
 class TokenBucket:
@@ -38,3 +41,58 @@ class TokenBucket:
             return True
         self.strikes += 1
         return False
+
+
+class FloodCooldown:
+    """Hotkeys closed for flooding, refused for ``seconds`` afterwards.
+
+    A flooder closed by the strike rule that reconnects at once would get a
+    fresh bucket and cost a full handshake (upgrade, sr25519 verify, welcome)
+    plus a burst of refused frames every time; remembering it turns each retry
+    into a cheap refusal. Memory is bounded: entries expire, and past
+    ``max_entries`` the oldest ban is forgotten (a ban is a saving, not a
+    guarantee, so dropping one early is safe).
+    """
+
+    __slots__ = ("seconds", "max_entries", "_until")
+
+    def __init__(self, seconds: float, *, max_entries: int = 10_000) -> None:
+        if seconds < 0 or max_entries < 1:
+            raise ValueError("seconds must be at least 0 and max_entries at least 1")
+        self.seconds = seconds
+        self.max_entries = max_entries
+        # hotkey -> end of its cooldown; every ban lasts ``seconds``, so insertion
+        # order (a re-ban moves to the end) is also expiry order
+        self._until: OrderedDict[str, float] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._until)
+
+    def ban(self, hotkey: str, now: float) -> None:
+        """Refuse ``hotkey`` until ``now + seconds`` (no-op when disabled)."""
+        if self.seconds <= 0:
+            return
+        self.prune(now)
+        self._until[hotkey] = now + self.seconds
+        self._until.move_to_end(hotkey)
+        while len(self._until) > self.max_entries:
+            self._until.popitem(last=False)
+
+    def remaining(self, hotkey: str, now: float) -> float | None:
+        """Seconds left in ``hotkey``'s cooldown, or None when it may connect."""
+        until = self._until.get(hotkey)
+        if until is None:
+            return None
+        if until <= now:
+            del self._until[hotkey]
+            return None
+        return until - now
+
+    def prune(self, now: float) -> None:
+        """Forget every ban that has ended."""
+        until = self._until
+        while until:
+            hotkey, end = next(iter(until.items()))
+            if end > now:
+                return
+            del until[hotkey]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
+import random
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -30,6 +32,7 @@ from .manager import Manager
 from .messages import GameUpdateMessage, WebSocketMessage, WelcomeMessage, now_iso
 from .outbound import Frame
 from .payloads import TeamGame, converter
+from .ratelimit import FloodCooldown
 from .replies import to_message
 from .signing import REASON_AUTH_TIMEOUT, REASON_MALFORMED, Signer, check_auth, sign
 
@@ -39,6 +42,17 @@ log = logging.getLogger("bettensor_ws.validator")
 
 
 FEATURES: tuple[str, ...] = ()
+
+AUTH_JITTER = 0.1
+"""A connection's upgrade and auth deadlines are ``auth_timeout`` plus up to 10% more,
+at random: peers that connected together (a slowloris crowd) are then not all refused,
+and do not all reconnect, in the same instant, a burst that held up every other
+miner's messages for tens of milliseconds."""
+
+# How a Connection closes a peer that keeps flooding (1008), and how its hotkey is
+# refused while it cools down.
+REASON_FLOODING = "rate limit exceeded"
+REASON_FLOOD_COOLDOWN = "flood cooldown"
 
 
 def _hotkeys_of(metagraph: Any) -> frozenset[str] | None:
@@ -54,6 +68,12 @@ class ValidatorWebSocketManager(Manager):
     ``metagraph`` is anything with ``.hotkeys`` (a Bittensor metagraph), a
     collection of ss58 addresses, or None to admit any hotkey that proves its
     key. Start it with ``await nursery.start(validator.serve)``.
+
+    A miner closed for flooding is refused for ``flood_cooldown`` seconds (0:
+    never): its next connections are answered from the auth frame alone, before
+    the signature check, after a hold (see ``_wait_out_cooldown``). A flooder
+    that reconnects at once then costs a cheap refusal every few seconds, not a
+    full handshake and a fresh burst of refused frames every few milliseconds.
     """
 
     def __init__(
@@ -72,6 +92,7 @@ class ValidatorWebSocketManager(Manager):
         send_timeout: float = 10.0,
         handler_concurrency: int = 1,
         replay_window: float = 300.0,
+        flood_cooldown: float = 60.0,
         ssl_context: ssl.SSLContext | None = None,
         features: Iterable[str] = FEATURES,
     ) -> None:
@@ -95,6 +116,7 @@ class ValidatorWebSocketManager(Manager):
         self.auth_timeout = auth_timeout
         self.max_message_size = max_message_size
         self.ssl_context = ssl_context
+        self._cooldown = FloodCooldown(flood_cooldown)
         self._allowed = _hotkeys_of(metagraph)
         self._last_games_digest: str | None = None
         self.listening = trio.Event()
@@ -200,9 +222,12 @@ class ValidatorWebSocketManager(Manager):
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(stream)
 
+    def _auth_time(self) -> float:
+        return self.auth_timeout * (1.0 + AUTH_JITTER * random.random())
+
     def _open_request(self, stream: trio.abc.Stream) -> Callable[[trio.Nursery], Awaitable[WebSocketRequest]]:
         async def open_request(nursery: trio.Nursery) -> WebSocketRequest:
-            with trio.fail_after(self.auth_timeout):
+            with trio.fail_after(self._auth_time()):
                 if isinstance(stream, trio.SSLStream):
                     # A failed TLS handshake inside trio-websocket's reader would leave us
                     # waiting for an upgrade until auth_timeout; fail (and close) at once.
@@ -238,8 +263,9 @@ class ValidatorWebSocketManager(Manager):
 
     async def _authenticate(self, ws: Any) -> Connection | None:
         """Read and check the auth frame; on failure answer the reference's bare error."""
+        hold_until = trio.current_time() + self.auth_timeout / 2
         raw: str | bytes | None = None
-        with trio.move_on_after(self.auth_timeout):
+        with trio.move_on_after(self._auth_time()):
             raw = await ws.get_message()
         try:
             if raw is None:
@@ -248,14 +274,41 @@ class ValidatorWebSocketManager(Manager):
                 frame = loads_checked(raw, max_size=self.max_message_size)
             except DecodeError as exc:
                 raise AuthError(f"{REASON_MALFORMED}: {exc}") from None
+            await self._wait_out_cooldown(frame, hold_until)
             info = check_auth(frame, guard=self.guard, allowed=self.is_registered, now=time.time())
         except AuthError as exc:
             self._stats.reject(exc.reason)
-            log.warning("refused a miner: %s", exc.reason)
+            if exc.reason.startswith(REASON_FLOOD_COOLDOWN):
+                # one warning when the ban starts is enough; a flooder retries many times
+                log.debug("refused a miner: %s", exc.reason)
+            else:
+                log.warning("refused a miner: %s", exc.reason)
             await ws.send_message(orjson.dumps({"status": "error", "message": exc.reason}).decode())
             await close_quietly(ws, CLOSE_POLICY, exc.reason, self.settings.close_timeout)
             return None
         return self._connection(ws, info.hotkey, info.features)
+
+    async def _wait_out_cooldown(self, frame: Any, hold_until: float) -> None:
+        """Refuse a hotkey still cooling down, before its signature is checked.
+
+        The answer is held until the ban ends or ``hold_until`` (half the auth
+        timeout after the upgrade), whichever is first: a flooder that retries as
+        soon as it is answered then costs one cheap handshake per hold instead of
+        one every few milliseconds, and a miner whose ban ends meanwhile goes on
+        to the normal checks on this connection. The frame is unverified: a
+        refusal grants nothing, and holding costs no more than a peer that sends
+        no auth frame at all.
+        """
+        hotkey = frame.get("hotkey") if isinstance(frame, dict) else None
+        if not isinstance(hotkey, str):
+            return
+        left = self._cooldown.remaining(hotkey, trio.current_time())
+        if left is None:
+            return
+        await trio.sleep_until(min(hold_until, trio.current_time() + left))
+        left = self._cooldown.remaining(hotkey, trio.current_time())
+        if left is not None:
+            raise AuthError(f"{REASON_FLOOD_COOLDOWN}: retry in {math.ceil(left)} s")
 
     async def _run_connection(self, conn: Connection) -> None:
         # The Welcome is queued before the connection is listed, so no broadcast
@@ -276,4 +329,11 @@ class ValidatorWebSocketManager(Manager):
         finally:
             if self._connections.get(conn.hotkey) is conn:
                 del self._connections[conn.hotkey]
+            if (conn.close_code, conn.close_reason) == (CLOSE_POLICY, REASON_FLOODING):
+                self._cooldown.ban(conn.hotkey, trio.current_time())
+                if self._cooldown.seconds > 0:
+                    log.warning(
+                        "miner %s closed for flooding: refused for %g s",
+                        conn.hotkey, self._cooldown.seconds,
+                    )
             log.info("miner %s disconnected (%d %s)", conn.hotkey, conn.close_code, conn.close_reason)

@@ -260,10 +260,10 @@ class RawWS:
             n = int.from_bytes(await self._read(8), "big")
         return b0 & 0x0F, await self._read(n)
 
-    async def until_close(self) -> tuple[int | None, str, list[bytes]]:
+    async def until_close(self, within: float = STEP) -> tuple[int | None, str, list[bytes]]:
         """Frames until the close frame (code, reason); code None if the TCP stream just ended."""
         got: list[bytes] = []
-        with trio.fail_after(STEP):
+        with trio.fail_after(within):
             while True:
                 try:
                     opcode, payload = await self.recv_frame()
@@ -617,7 +617,8 @@ async def never_authenticate(alice: Keypair, bob: Keypair, count: int) -> dict[s
             closes: list[int | None] = []
 
             async def wait_close(raw: RawWS) -> None:
-                code, _, _ = await raw.until_close()
+                # the bound asserted below; the last ones opened are refused only then
+                code, _, _ = await raw.until_close(within=auth_timeout + 5.0)
                 closes.append(code)
 
             async with trio.open_nursery() as nursery:
@@ -699,14 +700,25 @@ async def flood(
     return closed, replies, elapsed
 
 
-async def test_flood_over_rate_limit(alice: Keypair, bob: Keypair) -> None:
+async def flooder_cools_down(port: int, flooder: Keypair) -> None:
+    """Right after its close the flooder is refused, held half the auth timeout, and told when to retry."""
+    start = trio.current_time()
+    reply, code, reason = await auth_refused(port, orjson.dumps(build_auth(flooder)).decode())
+    assert reply["message"].startswith("flood cooldown: retry in ") and (code, reason) == (
+        1008,
+        reply["message"],
+    )
+    assert trio.current_time() - start >= 0.9 * 0.5  # auth_timeout 1 s: held 0.5 s
+
+
+async def test_flood_over_rate_limit(alice: Keypair, bob: Keypair, charlie: Keypair) -> None:
     """Over the rate: "rate limited" errors, then 1008 "rate limit exceeded"; the burst is handled.
 
     The rate is 1/s so that 200 refusals in a row fit between two tokens (see the
-    next test for the default rate).
+    next test for the default rate). Then the flooder cools down; others are served.
     """
     rate, burst = 1.0, 200
-    validator, handler = make_validator(alice, rate_limit=rate, rate_burst=burst)
+    validator, handler = make_validator(alice, rate_limit=rate, rate_burst=burst, auth_timeout=1.0)
     frames = [signed(prediction(bob, f"f{i}"), bob) for i in range(1000)]
     async with serving(validator) as port:
         closed, replies, elapsed = await flood(port, bob, frames, STEP)
@@ -720,11 +732,15 @@ async def test_flood_over_rate_limit(alice: Keypair, bob: Keypair) -> None:
         assert burst <= handler.calls <= burst + rate * elapsed + 1
         assert [r.data["prediction_id"] for r in confirmed] == handler.ids[: len(confirmed)]
         assert validator.stats()["rejections"]["flooding"] == 1
-        await assert_serves(port, bob, handler)
+        await flooder_cools_down(port, bob)
+        assert validator.stats()["rejections"]["flood cooldown"] == 1
+        await assert_serves(port, charlie, handler)
 
 
-async def test_flood_at_default_rate_is_closed(alice: Keypair, bob: Keypair) -> None:
-    validator, handler = make_validator(alice)  # rate_limit=50, rate_burst=200
+async def test_flood_at_default_rate_is_closed(
+    alice: Keypair, bob: Keypair, charlie: Keypair
+) -> None:
+    validator, handler = make_validator(alice, auth_timeout=1.0)  # rate_limit=50, rate_burst=200
     async with serving(validator) as port:
         closed, replies, elapsed = await flood(port, bob, ["{}"], 4.0)
         refused = validator.stats()["rejections"]
@@ -732,8 +748,9 @@ async def test_flood_at_default_rate_is_closed(alice: Keypair, bob: Keypair) -> 
             f"default-rate flood: {len(replies)} replies in {elapsed:.1f}s, closed={closed}, {refused}"
         )
         assert handler.calls == 0
-        await assert_serves(port, bob, handler)
+        await assert_serves(port, charlie, handler)
         assert closed is not None and (closed.code, closed.reason) == (1008, "rate limit exceeded")
+        await flooder_cools_down(port, bob)
 
 
 # ---- latency of good miners during an attack --------------------------------------------------
@@ -928,7 +945,8 @@ async def test_latency_under_attack(alice: Keypair) -> None:
 @pytest.mark.xfail(
     strict=False,
     reason="finding: 50 slowloris peers reconnecting as soon as they are dropped (auth_timeout 1 s) "
-    "time out and handshake in bursts; the good miners' p99 rose ~3-5x on a 2-core host",
+    "cost ~2 ms of server CPU per drop + new upgrade, ~10% of a core; the good miners' p99 rose "
+    "~2.4-3x on a 2-core host even with the auth-deadline jitter (no hotkey: no cooldown applies)",
 )
 async def test_latency_under_attack_with_slowloris_churn(alice: Keypair) -> None:
     await latency_under_attack(alice, miners=4, per_miner=200, repeats=5, auth_timeout=1.0)

@@ -41,6 +41,7 @@ __all__ = [
     "CLOSE_TOO_BIG",
     "Connection",
     "ConnectionSettings",
+    "REASON_FLOODING",
     "LinkClosed",
     "hold_transport",
 ]
@@ -52,6 +53,9 @@ CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
 CLOSE_INTERNAL = 1011
+
+REASON_FLOODING = "rate limit exceeded"
+"""The 1008 close reason for a peer that keeps flooding; the validator bans on it."""
 
 # Types answered or consumed by the runtime itself when no handler claims them;
 # replying "no handler" to these could ping-pong errors between two peers.
@@ -317,7 +321,7 @@ class Connection:
         if self._bucket is not None and not self._bucket.take(trio.current_time()):
             if self._bucket.strikes > self._settings.flood_strikes:
                 self._stats.reject("flooding")
-                self.close(CLOSE_POLICY, "rate limit exceeded")
+                self.close(CLOSE_POLICY, REASON_FLOODING)
                 await trio.lowlevel.checkpoint()
                 return None
             await self._refuse("rate limited")

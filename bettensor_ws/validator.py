@@ -21,6 +21,7 @@ from .connection import (
     CLOSE_INTERNAL,
     CLOSE_NORMAL,
     CLOSE_POLICY,
+    REASON_FLOODING,
     Connection,
     ConnectionSettings,
     LinkClosed,
@@ -49,9 +50,7 @@ at random: peers that connected together (a slowloris crowd) are then not all re
 and do not all reconnect, in the same instant, a burst that held up every other
 miner's messages for tens of milliseconds."""
 
-# How a Connection closes a peer that keeps flooding (1008), and how its hotkey is
-# refused while it cools down.
-REASON_FLOODING = "rate limit exceeded"
+# How a hotkey closed for flooding (REASON_FLOODING) is refused while it cools down.
 REASON_FLOOD_COOLDOWN = "flood cooldown"
 
 

@@ -20,6 +20,7 @@ from bittensor_wallet import Keypair
 
 from bettensor_ws.node import MinerNode, ValidatorNode, favourite_strategy
 from bettensor_ws.store import canonical
+from tests.helpers import make_game
 
 WAIT = 20.0  # seconds: a generous bound for anything that should take well under one
 
@@ -30,30 +31,8 @@ def miner_keys() -> list[Keypair]:
 
 
 def upcoming_games(count: int, *, prefix: str = "game", hours: float = 2.0) -> list[dict[str, Any]]:
-    """Games starting in the future with odds set; the favourite alternates between teams."""
-    now = datetime.now(UTC)
-    games = []
-    for i in range(count):
-        can_tie = i % 3 == 0
-        games.append(
-            {
-                "game_id": f"{prefix}-{i}",
-                "team_a": f"Home{i}",
-                "team_b": f"Away{i}",
-                "sport": "soccer" if can_tie else "basketball",
-                "league": "Test League",
-                "create_date": now.isoformat(),
-                "last_update_date": now.isoformat(),
-                "event_start_date": (now + timedelta(hours=hours + i)).isoformat(),
-                "active": True,
-                "outcome": "Unfinished",
-                "team_a_odds": 1.5 if i % 2 == 0 else 2.5,
-                "team_b_odds": 2.5 if i % 2 == 0 else 1.5,
-                "tie_odds": 3.2 if can_tie else None,
-                "can_tie": can_tie,
-            }
-        )
-    return games
+    """Games starting ``hours`` from now, an hour apart; the favourite alternates between teams."""
+    return [make_game(i, prefix=prefix, starts_in=timedelta(hours=hours + i)) for i in range(count)]
 
 
 def favourite_of(game: dict[str, Any]) -> str:

@@ -115,7 +115,7 @@ class Server:
             if PROFILE_DIR is not None:  # --profile: the same run under pyinstrument
                 report = PROFILE_DIR / f"{tag}.txt"
                 cmd = [PYTHON, "-m", "pyinstrument", "-r", "text", "-o", str(report),
-                       "-m", "bettensor_ws.cli", *cmd[1:]]
+                       "-m", "bettensor_ws.node.cli", *cmd[1:]]
         elif contender == "floor":
             cmd = [PYTHON, str(HERE / "floor.py")]
             if broadcast:

@@ -6,11 +6,13 @@ sans-IO; the Trio runtime builds on it.
 
 from __future__ import annotations
 
-from .codec import decode, encode
-from .connection import Connection, LinkClosed
-from .dispatch import Dispatcher, echo_handler
-from .errors import AuthError, DecodeError, MessageTypeConflict
-from .messages import (
+from .link.connection import Connection, LinkClosed
+from .link.miner import MinerWebSocketManager
+from .link.validator import ValidatorWebSocketManager
+from .protocol.codec import decode, encode
+from .protocol.dispatch import Dispatcher, echo_handler
+from .protocol.errors import AuthError, DecodeError, MessageTypeConflict
+from .protocol.messages import (
     ConfirmationMessage,
     ErrorMessage,
     GameUpdateMessage,
@@ -21,12 +23,10 @@ from .messages import (
     WelcomeMessage,
     message_types,
 )
-from .miner import MinerWebSocketManager
-from .payloads import Confirmation, ConfirmationResult, TeamGame, TeamGamePrediction
-from .ratelimit import TokenBucket
-from .replay import ReplayGuard
-from .signing import AuthInfo, build_auth, check_auth, sign, verify
-from .validator import ValidatorWebSocketManager
+from .protocol.payloads import Confirmation, ConfirmationResult, TeamGame, TeamGamePrediction
+from .protocol.ratelimit import TokenBucket
+from .protocol.replay import ReplayGuard
+from .protocol.signing import AuthInfo, build_auth, check_auth, sign, verify
 
 __version__ = "0.1.0"
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .codec import decode, encode
-from .messages import WebSocketMessage
-from .replies import to_message
+from .protocol.codec import decode, encode
+from .protocol.messages import WebSocketMessage
+from .protocol.replies import to_message
 
 __all__ = ["MockWebSocket"]
 

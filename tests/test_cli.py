@@ -32,7 +32,7 @@ from typing import IO, Any
 import pytest
 from bittensor_wallet import Keypair
 
-from bettensor_ws.store import MinerStore, ValidatorStore
+from bettensor_ws.node.store import MinerStore, ValidatorStore
 
 ALICE = Keypair.create_from_uri("//Alice").ss58_address
 BOB = Keypair.create_from_uri("//Bob").ss58_address
@@ -46,7 +46,7 @@ SHUTDOWN = 5.0  # "promptly"
 
 
 def cli_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "bettensor_ws.cli", *args]
+    return [sys.executable, "-m", "bettensor_ws.node.cli", *args]
 
 
 def _env() -> dict[str, str]:

@@ -24,7 +24,7 @@ from bettensor_ws import (
     sign,
     verify,
 )
-from bettensor_ws.codec import DEFAULT_MAX_SIZE, MAX_DEPTH
+from bettensor_ws.protocol.codec import DEFAULT_MAX_SIZE, MAX_DEPTH
 
 GAME = {
     "game_id": 42,

@@ -7,8 +7,9 @@ from typing import Any
 
 import trio
 
-from bettensor_ws.committer import GroupCommitter
-from bettensor_ws.store import DbThread, PredictionResult
+from bettensor_ws.node.committer import GroupCommitter
+from bettensor_ws.node.dbthread import DbThread
+from bettensor_ws.node.store import PredictionResult
 
 Jobs = Sequence[tuple[str, Sequence[dict[str, Any]]]]
 

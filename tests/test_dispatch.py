@@ -18,7 +18,7 @@ from bettensor_ws import (
     WebSocketMessage,
     echo_handler,
 )
-from bettensor_ws.replies import to_message
+from bettensor_ws.protocol.replies import to_message
 from bettensor_ws.testing import MockWebSocket
 
 

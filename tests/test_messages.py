@@ -30,7 +30,7 @@ from bettensor_ws import (
     encode,
     message_types,
 )
-from bettensor_ws import messages as messages_module
+from bettensor_ws.protocol import messages as messages_module
 
 BUILTIN_TYPES: dict[str, type[WebSocketMessage]] = {
     "prediction": PredictionMessage,

@@ -19,7 +19,7 @@ import trio
 from bittensor_wallet import Keypair
 
 from bettensor_ws.node import MinerNode, ValidatorNode, favourite_strategy
-from bettensor_ws.store import canonical
+from bettensor_ws.node.store import canonical
 from tests.helpers import make_game
 
 WAIT = 20.0  # seconds: a generous bound for anything that should take well under one

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bettensor_ws import DecodeError
-from bettensor_ws.payloads import (
+from bettensor_ws.protocol.payloads import (
     Confirmation,
     ConfirmationResult,
     TeamGame,

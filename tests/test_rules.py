@@ -1,4 +1,4 @@
-"""Bettensor's prediction rules (bettensor_ws.rules), table-driven, in the issue's order.
+"""Bettensor's prediction rules (bettensor_ws.node.rules), table-driven, in the issue's order.
 
 Each case is one row: a change to a valid prediction (or its game, or the
 miner's wagers so far today) and the reason expected, or None for accepted.
@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from bettensor_ws.rules import (
+from bettensor_ws.node.rules import (
     BAD_CONFIDENCE,
     BAD_ODDS,
     BAD_OUTCOME,
@@ -28,7 +28,7 @@ from bettensor_ws.rules import (
     prediction_id_of,
     utc_day,
 )
-from bettensor_ws.store import ValidatorStore
+from bettensor_ws.node.store import ValidatorStore
 
 NOW = datetime(2024, 6, 1, 12, 0, 0, tzinfo=UTC)
 MISSING = object()  # a key to delete

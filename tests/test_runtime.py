@@ -49,9 +49,9 @@ from bettensor_ws import (
     sign,
     verify,
 )
-from bettensor_ws.backoff import Backoff
-from bettensor_ws.outbound import Frame, OutboundQueue
-from bettensor_ws.signing import sign_dict
+from bettensor_ws.link.outbound import Frame, OutboundQueue
+from bettensor_ws.protocol.backoff import Backoff
+from bettensor_ws.protocol.signing import sign_dict
 from tests.helpers import count_tasks
 
 Keypair = Any  # bittensor_wallet.Keypair (fixtures alice, bob, charlie)

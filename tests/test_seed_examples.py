@@ -34,7 +34,7 @@ from bettensor_ws import (
     sign,
     verify,
 )
-from bettensor_ws import messages as messages_module
+from bettensor_ws.protocol import messages as messages_module
 from bettensor_ws.testing import MockWebSocket
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

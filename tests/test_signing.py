@@ -27,7 +27,7 @@ from bettensor_ws import (
     sign,
     verify,
 )
-from bettensor_ws import messages as messages_module
+from bettensor_ws.protocol import messages as messages_module
 
 ENVELOPE_KEYS = {"type", "sender", "data", "timestamp", "nonce", "signature"}
 AUTH_KEYS = {"hotkey", "timestamp", "nonce", "signature"}

@@ -1,4 +1,4 @@
-"""The SQLite stores (bettensor_ws.store): durability settings, schema versions, idempotency.
+"""The SQLite stores (bettensor_ws.node.store): durability settings, schema versions, idempotency.
 
 ValidatorStore is what the validator's prediction handler runs (validate, store,
 confirm); MinerStore keeps a miner's predictions and their delivery state per
@@ -20,7 +20,8 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bettensor_ws.rules import (
+from bettensor_ws.node.dbthread import DbThread
+from bettensor_ws.node.rules import (
     BAD_OUTCOME,
     BAD_WAGER,
     DAILY_LIMIT,
@@ -28,7 +29,7 @@ from bettensor_ws.rules import (
     MISSING_DATA,
     UNKNOWN_GAME,
 )
-from bettensor_ws.store import DbThread, MinerStore, ValidatorStore, canonical
+from bettensor_ws.node.store import MinerStore, ValidatorStore, canonical
 
 NOW = datetime(2024, 6, 1, 12, 0, 0, tzinfo=UTC)
 ACCEPTED = ValidatorStore.ACCEPTED

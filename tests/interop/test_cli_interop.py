@@ -5,7 +5,7 @@ The issue's "Done when", in subprocesses over loopback:
 A. An independent miner (``refpeer.RefMiner``) against ``bettensor-ws
    validator --games FILE``: Welcome, then at once a game_update with the
    upcoming games, then a signed confirmation for each prediction whose
-   status and message follow Bettensor's rules (``bettensor_ws.rules``),
+   status and message follow Bettensor's rules (``bettensor_ws.node.rules``),
    idempotency included.
 B. ``bettensor-ws miner`` against an independent validator
    (``refpeer.RefValidator``): it predicts on the validator's games, records
@@ -31,8 +31,8 @@ from typing import Any
 import pytest
 from bittensor_wallet import Keypair
 
-from bettensor_ws import rules
-from bettensor_ws.store import ValidatorStore
+from bettensor_ws.node import rules
+from bettensor_ws.node.store import ValidatorStore
 
 from ..test_cli import ALICE, BOB, CliProcess, future, game, run_cli, start_validator
 from .refpeer import RefMiner, RefValidator, verify_envelope

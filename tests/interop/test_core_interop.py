@@ -176,7 +176,7 @@ def test_our_signed_envelope_verifies_on_the_reference(
     assert env["signature"] == env["signature"].lower() and not env["signature"].startswith("0x")
     assert refpeer.verify_envelope(env)
     # the text we sign is the reference's text
-    assert refpeer.signing_text(env) == bettensor_ws.signing.signed_text(
+    assert refpeer.signing_text(env) == bettensor_ws.protocol.signing.signed_text(
         {k: v for k, v in env.items() if k != "signature"}
     )
 
@@ -198,7 +198,7 @@ def test_our_envelope_tampered_fails_on_the_reference(alice: Any, bob: Any) -> N
 
 def test_seed_style_reply_verifies_on_the_reference(alice: Any) -> None:
     """A seed-style flat dict, made a message the way ``send_json`` does, then signed."""
-    from bettensor_ws.replies import to_message
+    from bettensor_ws.protocol.replies import to_message
 
     reply = to_message({"type": "confirmation", "status": "error", "message": "Missing data"}, "x")
     env = json.loads(encode(sign(reply, alice)))

@@ -27,8 +27,8 @@ import orjson
 import trio
 from bittensor_wallet import Keypair
 
-from bettensor_ws.cli import SWITCH_INTERVAL
 from bettensor_ws.node import MinerNode
+from bettensor_ws.node.cli import SWITCH_INTERVAL
 
 WAGER = 0.1  # 10,000 predictions a miner a day under the daily limit of 1000
 

@@ -41,7 +41,7 @@ from typing import Any
 import pytest
 from bittensor_wallet import Keypair
 
-from bettensor_ws.store import canonical
+from bettensor_ws.node.store import canonical
 from tests.test_cli import ALICE, CliProcess, port_of
 from tests.test_node import upcoming_games
 

@@ -35,15 +35,15 @@ from bittensor_wallet import Keypair
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from bettensor_ws import ValidatorWebSocketManager
-from bettensor_ws.codec import decode, encode
-from bettensor_ws.messages import (
+from bettensor_ws.protocol.codec import decode, encode
+from bettensor_ws.protocol.messages import (
     ConfirmationMessage,
     ErrorMessage,
     PredictionMessage,
     WebSocketMessage,
     WelcomeMessage,
 )
-from bettensor_ws.signing import build_auth, sign, sign_dict
+from bettensor_ws.protocol.signing import build_auth, sign, sign_dict
 from tests.helpers import count_tasks
 
 STEP = 10.0  # generous bound on any single exchange over loopback
@@ -758,7 +758,7 @@ async def test_flood_at_default_rate_is_closed(
 ATTACKER = r"""
 import os, sys, trio, orjson, trio_websocket
 from bittensor_wallet import Keypair
-from bettensor_ws.signing import build_auth
+from bettensor_ws.protocol.signing import build_auth
 
 port, slowloris, parts = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3].split(",")
 flood_rate, garbage_rate = float(sys.argv[4]), float(sys.argv[5])

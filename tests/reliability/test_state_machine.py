@@ -57,7 +57,7 @@ from hypothesis.stateful import (
 
 from bettensor_ws import PredictionMessage
 from bettensor_ws.node import MinerNode, ValidatorNode
-from bettensor_ws.store import canonical
+from bettensor_ws.node.store import canonical
 from tests.helpers import count_tasks, make_game
 
 T = TypeVar("T")

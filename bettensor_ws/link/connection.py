@@ -15,10 +15,10 @@ import attrs
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
-from .codec import decode_obj, encode, loads_checked
-from .dispatch import Dispatcher
-from .errors import DecodeError
-from .messages import (
+from ..protocol.codec import decode_obj, encode, loads_checked
+from ..protocol.dispatch import Dispatcher
+from ..protocol.errors import DecodeError
+from ..protocol.messages import (
     ConfirmationMessage,
     ErrorMessage,
     HeartbeatAckMessage,
@@ -26,12 +26,12 @@ from .messages import (
     WebSocketMessage,
     now_iso,
 )
+from ..protocol.ratelimit import TokenBucket
+from ..protocol.replay import ReplayGuard
+from ..protocol.replies import to_message
+from ..protocol.signing import Signer, sign, verify
+from ..protocol.stats import Stats
 from .outbound import Frame, OutboundQueue
-from .ratelimit import TokenBucket
-from .replay import ReplayGuard
-from .replies import to_message
-from .signing import Signer, sign, verify
-from .stats import Stats
 
 __all__ = [
     "CLOSE_GOING_AWAY",

@@ -16,7 +16,8 @@ from typing import Any
 import attrs
 import trio
 
-from .store import DbThread, PredictionResult
+from .dbthread import DbThread
+from .store import PredictionResult
 
 __all__ = ["GroupCommitter", "SubmitMany"]
 

@@ -18,8 +18,12 @@ from trio_websocket import (
     wrap_client_stream,
 )
 
-from .backoff import Backoff
-from .codec import decode, encode, loads_checked
+from ..protocol.backoff import Backoff
+from ..protocol.codec import decode, encode, loads_checked
+from ..protocol.errors import DecodeError
+from ..protocol.messages import WebSocketMessage, WelcomeMessage
+from ..protocol.replies import to_message
+from ..protocol.signing import Signer, build_auth, sign, verify
 from .connection import (
     CLOSE_GOING_AWAY,
     CLOSE_NORMAL,
@@ -31,12 +35,8 @@ from .connection import (
     first_leaf,
     hold_transport,
 )
-from .errors import DecodeError
 from .manager import Manager
-from .messages import WebSocketMessage, WelcomeMessage
 from .outbound import Frame
-from .replies import to_message
-from .signing import Signer, build_auth, sign, verify
 
 __all__ = ["HandshakeRefused", "MinerWebSocketManager", "StreamOpener"]
 

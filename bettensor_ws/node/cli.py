@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 import trio
 
-from .signing import Signer
+from ..protocol.signing import Signer
 
 __all__ = ["main"]
 
@@ -169,8 +169,8 @@ async def run_validator(args: argparse.Namespace) -> None:
     # SQLite call; with the default 5 ms switch interval each hand-back can stall
     # a group commit for that long.
     sys.setswitchinterval(SWITCH_INTERVAL)
+    from . import ValidatorNode
     from .feed import SimulatedFeed, load_games_file
-    from .node import ValidatorNode
 
     if not args.flood_cooldown >= 0:  # also refuses nan
         raise UsageError("--flood-cooldown must be at least 0 (0: no cooldown)")
@@ -228,7 +228,7 @@ def _open_store(factory: Any, path: str) -> Any:
 
 
 async def run_miner(args: argparse.Namespace) -> None:
-    from .node import MinerNode
+    from . import MinerNode
     from .rules import DAILY_WAGER_LIMIT
 
     validators = [_parse_validator_arg(v) for v in args.validator]

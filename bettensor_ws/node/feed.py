@@ -8,8 +8,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from .errors import DecodeError
-from .payloads import TeamGame, converter, structure_payload
+from ..protocol.errors import DecodeError
+from ..protocol.payloads import TeamGame, converter, structure_payload
 
 __all__ = ["SimulatedFeed", "load_games_file"]
 

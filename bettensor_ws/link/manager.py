@@ -9,11 +9,11 @@ from typing import Any
 import trio
 from trio_websocket import WebSocketConnection
 
+from ..protocol.dispatch import Dispatcher, Handler
+from ..protocol.replay import ReplayGuard
+from ..protocol.signing import Signer
+from ..protocol.stats import Stats
 from .connection import CLOSE_INTERNAL, Connection, ConnectionSettings, LinkClosed
-from .dispatch import Dispatcher, Handler
-from .replay import ReplayGuard
-from .signing import Signer
-from .stats import Stats
 
 __all__ = ["ConnectHook", "Manager"]
 

@@ -10,7 +10,7 @@ import math
 from datetime import UTC, datetime
 from typing import Any
 
-from .replay import parse_timestamp
+from ..protocol.replay import parse_timestamp
 
 __all__ = [
     "DAILY_WAGER_LIMIT",

@@ -19,8 +19,8 @@ from typing import Any
 import trio
 from bittensor_wallet import Keypair
 
+from . import MinerNode, ValidatorNode
 from .feed import SimulatedFeed
-from .node import MinerNode, ValidatorNode
 
 __all__ = ["run_demo"]
 

@@ -15,7 +15,13 @@ import orjson
 import trio
 from trio_websocket import ConnectionClosed, WebSocketRequest, wrap_server_stream
 
-from .codec import encode, loads_checked
+from ..protocol.codec import encode, loads_checked
+from ..protocol.errors import AuthError, DecodeError
+from ..protocol.messages import GameUpdateMessage, WebSocketMessage, WelcomeMessage, now_iso
+from ..protocol.payloads import TeamGame, converter
+from ..protocol.ratelimit import FloodCooldown
+from ..protocol.replies import to_message
+from ..protocol.signing import REASON_AUTH_TIMEOUT, REASON_MALFORMED, Signer, check_auth, sign
 from .connection import (
     CLOSE_GOING_AWAY,
     CLOSE_INTERNAL,
@@ -28,14 +34,8 @@ from .connection import (
     close_quietly,
     hold_transport,
 )
-from .errors import AuthError, DecodeError
 from .manager import Manager
-from .messages import GameUpdateMessage, WebSocketMessage, WelcomeMessage, now_iso
 from .outbound import Frame
-from .payloads import TeamGame, converter
-from .ratelimit import FloodCooldown
-from .replies import to_message
-from .signing import REASON_AUTH_TIMEOUT, REASON_MALFORMED, Signer, check_auth, sign
 
 __all__ = ["ValidatorWebSocketManager"]
 

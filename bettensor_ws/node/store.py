@@ -10,20 +10,19 @@ from __future__ import annotations
 import json
 import math
 import sqlite3
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import orjson
-import trio
 
-from .payloads import TeamGame, converter
+from ..protocol.payloads import TeamGame, converter
 from .rules import check_prediction, prediction_id_of, utc_day
 
-__all__ = ["DbThread", "MinerStore", "PredictionResult", "ValidatorStore", "canonical"]
+__all__ = ["MinerStore", "PredictionResult", "ValidatorStore", "canonical"]
 
-T = TypeVar("T")
+
 
 GAME_COLUMNS = (
     "game_id",
@@ -531,17 +530,3 @@ class MinerStore(_Store):
             (prediction_id, validator_hotkey),
         ).fetchone()
         return (row[0], row[1]) if row is not None else None
-
-
-class DbThread:
-    """Runs a store's synchronous calls on one worker thread, one at a time.
-
-    One thread keeps SQLite's single-writer model and the rules' view of the
-    data consistent, and keeps disk syncs off the Trio loop.
-    """
-
-    def __init__(self) -> None:
-        self._limiter = trio.CapacityLimiter(1)
-
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)

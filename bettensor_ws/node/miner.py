@@ -1,9 +1,7 @@
-"""The runnable node: managers with stores, Bettensor's rules and a durable outbox.
+"""The miner node: predicts on game updates and never loses a prediction.
 
-:class:`ValidatorNode` checks, stores and confirms predictions;
-:class:`MinerNode` predicts on game updates and never loses a prediction: each
-is written, pending for every validator, before it is sent, and resent on
-every (re)connect until that validator has answered it.
+Each prediction is written, pending for every validator, before it is sent,
+and resent on every (re)connect until that validator has answered it.
 """
 
 from __future__ import annotations
@@ -16,117 +14,27 @@ from typing import Any
 
 import trio
 
-from .codec import encode
-from .committer import GroupCommitter
-from .connection import BATCH, Connection, LinkClosed
-from .dispatch import INTERNAL_ERROR
-from .messages import (
+from ..link.connection import BATCH, Connection, LinkClosed
+from ..link.miner import MinerWebSocketManager
+from ..link.outbound import Frame
+from ..protocol.codec import encode
+from ..protocol.dispatch import INTERNAL_ERROR
+from ..protocol.messages import (
     ConfirmationMessage,
     GameUpdateMessage,
     PredictionMessage,
     WebSocketMessage,
     now_iso,
 )
-from .miner import MinerWebSocketManager
-from .outbound import Frame
-from .payloads import TeamGame, converter
-from .ratelimit import TokenBucket
-from .rules import DAILY_WAGER_LIMIT, prediction_id_of
-from .signing import Signer, sign
-from .store import DbThread, MinerStore, PredictionResult, ValidatorStore
-from .validator import ValidatorWebSocketManager
+from ..protocol.ratelimit import TokenBucket
+from ..protocol.signing import Signer, sign
+from .dbthread import DbThread
+from .rules import DAILY_WAGER_LIMIT
+from .store import MinerStore
 
-__all__ = ["MinerNode", "Strategy", "ValidatorNode", "favourite_strategy"]
+__all__ = ["MinerNode", "Strategy", "TRANSIENT_REFUSALS", "favourite_strategy"]
 
 log = logging.getLogger("bettensor_ws.node")
-
-
-class ValidatorNode(ValidatorWebSocketManager):
-    """A validator manager with a SQLite store and the seed's prediction flow.
-
-    Validate, store, confirm: a success confirmation leaves only after its
-    prediction is committed. Batches (``{"predictions": [...]}``) are answered
-    by one confirmation listing a result per prediction, in order.
-    """
-
-    def __init__(self, keypair: Signer, db_path: str | Path, metagraph: Any = None, **kwargs: Any) -> None:
-        kwargs.setdefault("features", (BATCH,))
-        super().__init__(keypair, metagraph, **kwargs)
-        self.store = ValidatorStore(db_path)
-        self.db = DbThread()
-        self.committer = GroupCommitter(self.store.submit_many, self.db)
-        self._committing = False
-        self.register_handler("prediction", self.handle_prediction)
-        self.on_connect(self.send_upcoming_games)
-
-    async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        """Serve miners, with the group committer running beside the connections."""
-        async with trio.open_nursery() as nursery:
-            await nursery.start(self._run_committer)
-            port = await nursery.start(super().serve)
-            task_status.started(port)
-
-    async def _run_committer(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        self._committing = True
-        try:
-            await self.committer.run(task_status=task_status)
-        finally:
-            self._committing = False
-
-    async def handle_prediction(self, websocket: Connection, message: WebSocketMessage) -> None:
-        """Validate, store, confirm: answers leave only once their group is committed.
-
-        Under :meth:`serve` the handler only queues the predictions; the
-        committer answers on the connection when their group is durable, so a
-        miner's next frames are read meanwhile.
-        """
-        assert isinstance(message, PredictionMessage)
-        predictions = message.raw_predictions()
-        is_batch = message.is_batch
-        if self._committing and isinstance(websocket, Connection):
-            conn = websocket
-
-            def answer(results: list[PredictionResult] | None) -> None:
-                conn.queue_results(results or _internal_errors(predictions))
-
-            await self.committer.enqueue(websocket.hotkey, predictions, answer)
-            return
-        try:  # without serve() (a handler test, a MockWebSocket): commit on its own
-            results = await self.db.run(self.store.submit, websocket.hotkey, predictions)
-        except Exception:
-            log.exception("storing %d predictions from %s failed", len(predictions), websocket.hotkey)
-            results = _internal_errors(predictions)
-        if BATCH in getattr(websocket, "features", ()):
-            await websocket.send_results(results)
-        elif is_batch:
-            await websocket.send_json({"type": "confirmation", "results": results, "timestamp": now_iso()})
-        else:
-            await websocket.send_json({"type": "confirmation", **results[0], "timestamp": now_iso()})
-
-    async def send_upcoming_games(self, connection: Connection) -> None:
-        """Right after Welcome: every active game not yet started, as one update."""
-        games = await self.db.run(self.store.upcoming_games)
-        if games:
-            await connection.send_message(
-                GameUpdateMessage(sender=self.hotkey, data={"games": games, "timestamp": now_iso()})
-            )
-
-    async def update_games(self, games: Iterable[TeamGame | dict[str, Any]]) -> int | None:
-        """Store games, then broadcast them; returns how many miners got the update."""
-        rows = [converter.unstructure(g) if isinstance(g, TeamGame) else dict(g) for g in games]
-        await self.db.run(self.store.upsert_games, rows)
-        return await self.broadcast_game_updates(rows)
-
-    def close(self) -> None:
-        self.store.close()
-
-
-def _internal_errors(predictions: Sequence[dict[str, Any]]) -> list[PredictionResult]:
-    """The answer when storing failed: the miner keeps these pending and resends."""
-    return [
-        PredictionResult(prediction_id=prediction_id_of(p), status="error", message=INTERNAL_ERROR)
-        for p in predictions
-    ]
 
 
 Strategy = Callable[[Sequence[dict[str, Any]]], list[dict[str, Any]]]

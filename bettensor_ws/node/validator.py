@@ -1,0 +1,124 @@
+"""The validator node: a validator manager with a SQLite store and group commit.
+
+It checks, stores and confirms predictions: a success confirmation leaves only
+after its prediction is committed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from ..link.connection import BATCH, Connection
+from ..link.validator import ValidatorWebSocketManager
+from ..protocol.dispatch import INTERNAL_ERROR
+from ..protocol.messages import (
+    GameUpdateMessage,
+    PredictionMessage,
+    WebSocketMessage,
+    now_iso,
+)
+from ..protocol.payloads import TeamGame, converter
+from ..protocol.signing import Signer
+from .committer import GroupCommitter
+from .dbthread import DbThread
+from .rules import prediction_id_of
+from .store import PredictionResult, ValidatorStore
+
+__all__ = ["ValidatorNode"]
+
+log = logging.getLogger("bettensor_ws.node")
+
+
+class ValidatorNode(ValidatorWebSocketManager):
+    """A validator manager with a SQLite store and the seed's prediction flow.
+
+    Validate, store, confirm: a success confirmation leaves only after its
+    prediction is committed. Batches (``{"predictions": [...]}``) are answered
+    by one confirmation listing a result per prediction, in order.
+    """
+
+    def __init__(self, keypair: Signer, db_path: str | Path, metagraph: Any = None, **kwargs: Any) -> None:
+        kwargs.setdefault("features", (BATCH,))
+        super().__init__(keypair, metagraph, **kwargs)
+        self.store = ValidatorStore(db_path)
+        self.db = DbThread()
+        self.committer = GroupCommitter(self.store.submit_many, self.db)
+        self._committing = False
+        self.register_handler("prediction", self.handle_prediction)
+        self.on_connect(self.send_upcoming_games)
+
+    async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve miners, with the group committer running beside the connections."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self._run_committer)
+            port = await nursery.start(super().serve)
+            task_status.started(port)
+
+    async def _run_committer(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self._committing = True
+        try:
+            await self.committer.run(task_status=task_status)
+        finally:
+            self._committing = False
+
+    async def handle_prediction(self, websocket: Connection, message: WebSocketMessage) -> None:
+        """Validate, store, confirm: answers leave only once their group is committed.
+
+        Under :meth:`serve` the handler only queues the predictions; the
+        committer answers on the connection when their group is durable, so a
+        miner's next frames are read meanwhile.
+        """
+        assert isinstance(message, PredictionMessage)
+        predictions = message.raw_predictions()
+        is_batch = message.is_batch
+        if self._committing and isinstance(websocket, Connection):
+            conn = websocket
+
+            def answer(results: list[PredictionResult] | None) -> None:
+                conn.queue_results(results or _internal_errors(predictions))
+
+            await self.committer.enqueue(websocket.hotkey, predictions, answer)
+            return
+        try:  # without serve() (a handler test, a MockWebSocket): commit on its own
+            results = await self.db.run(self.store.submit, websocket.hotkey, predictions)
+        except Exception:
+            log.exception("storing %d predictions from %s failed", len(predictions), websocket.hotkey)
+            results = _internal_errors(predictions)
+        if BATCH in getattr(websocket, "features", ()):
+            await websocket.send_results(results)
+        elif is_batch:
+            await websocket.send_json({"type": "confirmation", "results": results, "timestamp": now_iso()})
+        else:
+            await websocket.send_json({"type": "confirmation", **results[0], "timestamp": now_iso()})
+
+    async def send_upcoming_games(self, connection: Connection) -> None:
+        """Right after Welcome: every active game not yet started, as one update."""
+        games = await self.db.run(self.store.upcoming_games)
+        if games:
+            await connection.send_message(
+                GameUpdateMessage(sender=self.hotkey, data={"games": games, "timestamp": now_iso()})
+            )
+
+    async def update_games(self, games: Iterable[TeamGame | dict[str, Any]]) -> int | None:
+        """Store games, then broadcast them; returns how many miners got the update."""
+        rows = [converter.unstructure(g) if isinstance(g, TeamGame) else dict(g) for g in games]
+        await self.db.run(self.store.upsert_games, rows)
+        return await self.broadcast_game_updates(rows)
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def _internal_errors(predictions: Sequence[dict[str, Any]]) -> list[PredictionResult]:
+    """The answer when storing failed: the miner keeps these pending and resends."""
+    return [
+        PredictionResult(prediction_id=prediction_id_of(p), status="error", message=INTERNAL_ERROR)
+        for p in predictions
+    ]
+
+

@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml
 lint: venv
 	$(BIN)/ruff check bettensor_ws tests benchmarks
 	$(BIN)/mypy --strict bettensor_ws
+	$(BIN)/mypy --check-untyped-defs tests
+	$(BIN)/mypy --strict tests/typing/api_snippet.py
 
 test: lint
 	$(BIN)/pytest

@@ -14,6 +14,8 @@ __all__ = ["MockWebSocket"]
 class MockWebSocket:
     """Records what a handler sends, as decoded messages in ``.sent``.
 
+    A :class:`bettensor_ws.Connection`, like the live link a handler receives.
+
     Each reply goes through the real codec, so a handler whose reply would not
     survive the wire fails here too.
     """
@@ -29,7 +31,8 @@ class MockWebSocket:
     async def send_message(self, message: WebSocketMessage) -> None:
         self.sent.append(decode(encode(message)))
 
-    async def close(self, code: int = 1000, reason: str = "") -> None:
+    def close(self, code: int = 1000, reason: str = "") -> None:
+        """Record the close a handler asked for (synchronous, as on a live link)."""
         self.closed = (code, reason)
 
     @property

@@ -11,7 +11,9 @@ import trio
 def count_tasks() -> int:
     """Every task alive in this run, found by walking the tree from the root task."""
     total = 0
-    stack = [trio.lowlevel.current_root_task()]
+    root = trio.lowlevel.current_root_task()
+    assert root is not None, "count_tasks() runs inside trio.run"
+    stack = [root]
     while stack:
         task = stack.pop()
         total += 1

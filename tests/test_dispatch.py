@@ -323,5 +323,5 @@ def test_to_message_uses_the_given_sender() -> None:
 
 async def test_mock_close_is_recorded() -> None:
     websocket = MockWebSocket()
-    await websocket.close(1008, "policy")
+    websocket.close(1008, "policy")
     assert websocket.closed == (1008, "policy")

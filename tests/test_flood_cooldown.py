@@ -32,8 +32,8 @@ from bettensor_ws import (
     verify,
 )
 from bettensor_ws.node.cli import build_parser, main
+from bettensor_ws.protocol.auth import build_auth
 from bettensor_ws.protocol.ratelimit import FloodCooldown
-from bettensor_ws.protocol.signing import build_auth
 from tests.test_runtime import Net, authenticate, expect_close, raw_client, wait_for
 
 Keypair = Any  # bittensor_wallet.Keypair (fixtures alice, bob, charlie)

@@ -136,7 +136,7 @@ def test_plain_subclass_registers_and_decodes(registry: dict[str, Any]) -> None:
     assert message_types()["plain_test"] is PlainMessage
     decoded = decode(envelope("plain_test", {"level": "high"}))
     assert type(decoded) is PlainMessage
-    assert decoded.level == "high"  # type: ignore[attr-defined]
+    assert decoded.level == "high"
     assert decoded.sender == "5Sender"
     assert decoded.timestamp == "2024-09-03T00:00:00+00:00"
     assert decoded.nonce == "n-1"

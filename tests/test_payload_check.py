@@ -19,7 +19,7 @@ from bettensor_ws.protocol.payloads import (
     structure_payload,
 )
 
-values = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=5) | st.just({}) | st.just([])
+values: st.SearchStrategy[Any] = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=5) | st.just({}) | st.just([])
 
 
 def _verdict(fn: Any, raw: Any, cls: type[Any]) -> str | None:

@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from bettensor_ws import ReplayGuard
+from bettensor_ws import Refusal, RefusalKind, ReplayGuard
 
 T0 = 1_725_000_000.0  # a fixed "now", so no test depends on the clock
 
@@ -18,8 +18,8 @@ def iso(seconds: float) -> str:
 def test_fresh_pair_is_accepted_once() -> None:
     guard = ReplayGuard()
     assert guard.check("alice", "n1", iso(T0), now=T0) is None
-    assert guard.check("alice", "n1", iso(T0), now=T0 + 1) == "replayed nonce"
-    assert guard.check("alice", "n1", iso(T0 + 1), now=T0 + 1) == "replayed nonce"
+    assert guard.check("alice", "n1", iso(T0), now=T0 + 1) == Refusal(RefusalKind.REPLAYED_NONCE)
+    assert guard.check("alice", "n1", iso(T0 + 1), now=T0 + 1) == Refusal(RefusalKind.REPLAYED_NONCE)
 
 
 def test_same_nonce_from_another_sender_is_a_different_pair() -> None:
@@ -32,15 +32,15 @@ def test_same_nonce_from_another_sender_is_a_different_pair() -> None:
 def test_stale_timestamp_is_refused() -> None:
     guard = ReplayGuard(window=300)
     reason = guard.check("alice", "n1", iso(T0 - 301), now=T0)
-    assert reason is not None and reason.startswith("stale timestamp")
-    assert "301s" in reason
+    assert reason is not None and reason.text().startswith("stale timestamp")
+    assert "301s" in reason.text()
     assert guard.check("alice", "n2", iso(T0 - 300), now=T0) is None
 
 
 def test_future_timestamp_is_refused() -> None:
     guard = ReplayGuard(window=300)
     reason = guard.check("alice", "n1", iso(T0 + 301), now=T0)
-    assert reason is not None and reason.startswith("future timestamp")
+    assert reason is not None and reason.text().startswith("future timestamp")
     assert guard.check("alice", "n2", iso(T0 + 300), now=T0) is None
 
 
@@ -61,7 +61,7 @@ def test_window_is_configurable() -> None:
 @pytest.mark.parametrize("timestamp", ["", "yesterday", "2024-13-45T00:00:00", "1725000000"])
 def test_malformed_timestamp(timestamp: str) -> None:
     guard = ReplayGuard()
-    assert guard.check("alice", "n1", timestamp, now=T0) == "malformed timestamp"
+    assert guard.check("alice", "n1", timestamp, now=T0) == Refusal(RefusalKind.MALFORMED_TIMESTAMP)
     assert len(guard) == 0
 
 
@@ -85,7 +85,7 @@ def test_entries_are_pruned_after_the_window() -> None:
     assert len(guard) == 1
     # a forgotten pair is still refused, now by its timestamp
     reason = guard.check("alice", "old-0", iso(T0), now=later)
-    assert reason is not None and reason.startswith("stale timestamp")
+    assert reason is not None and reason.text().startswith("stale timestamp")
 
 
 def test_explicit_prune() -> None:
@@ -94,7 +94,7 @@ def test_explicit_prune() -> None:
     assert guard.check("alice", "b", iso(T0 + 50), now=T0 + 50) is None
     guard.prune(T0 + 101)
     assert len(guard) == 1
-    assert guard.check("alice", "b", iso(T0 + 50), now=T0 + 101) == "replayed nonce"
+    assert guard.check("alice", "b", iso(T0 + 50), now=T0 + 101) == Refusal(RefusalKind.REPLAYED_NONCE)
     guard.prune(T0 + 151)
     assert len(guard) == 0
 
@@ -103,7 +103,7 @@ def test_pair_is_remembered_for_the_whole_window() -> None:
     guard = ReplayGuard(window=100)
     assert guard.check("alice", "n", iso(T0), now=T0) is None
     for step in (1, 50, 99, 100):
-        assert guard.check("alice", "n", iso(T0), now=T0 + step) == "replayed nonce"
+        assert guard.check("alice", "n", iso(T0), now=T0 + step) == Refusal(RefusalKind.REPLAYED_NONCE)
 
 
 def test_memory_stays_bounded_under_fresh_nonces() -> None:
@@ -118,10 +118,10 @@ def test_max_entries_fails_closed() -> None:
     guard = ReplayGuard(window=300, max_entries=2)
     assert guard.check("alice", "a", iso(T0), now=T0) is None
     assert guard.check("alice", "b", iso(T0), now=T0) is None
-    assert guard.check("alice", "c", iso(T0), now=T0) == "replay guard full"
+    assert guard.check("alice", "c", iso(T0), now=T0) == Refusal(RefusalKind.REPLAY_GUARD_FULL)
     assert len(guard) == 2
     # replays are still told apart from overflow
-    assert guard.check("alice", "a", iso(T0), now=T0) == "replayed nonce"
+    assert guard.check("alice", "a", iso(T0), now=T0) == Refusal(RefusalKind.REPLAYED_NONCE)
     # once the old entries age out there is room again
     later = T0 + 301
     assert guard.check("alice", "c", iso(later), now=later) is None

@@ -85,7 +85,11 @@ async def raw_client(
         (server_nursery or nursery).start_soon(validator.handle_stream, server_stream)
         async with trio.open_nursery() as client_nursery:
             ws = await trio_websocket.wrap_client_stream(
-                client_nursery, client_stream, "localhost", path, message_queue_size=queue
+                client_nursery,
+                client_stream,  # type: ignore[arg-type]  # annotated for sockets; any trio Stream works
+                "localhost",
+                path,
+                message_queue_size=queue,
             )
             try:
                 yield ws
@@ -137,6 +141,7 @@ async def expect_close(ws: WebSocketConnection) -> tuple[int, str | None]:
         while True:
             await ws.get_message()
     reason = caught.value.reason
+    assert reason is not None
     return reason.code, reason.reason
 
 
@@ -151,7 +156,8 @@ class Recorder:
         self.seen: list[PredictionMessage] = []
         self.hotkeys: list[str] = []
 
-    async def __call__(self, websocket: Any, message: PredictionMessage) -> None:
+    async def __call__(self, websocket: Any, message: WebSocketMessage) -> None:
+        assert isinstance(message, PredictionMessage)
         self.seen.append(message)
         self.hotkeys.append(websocket.hotkey)
         await websocket.send_json(
@@ -538,6 +544,7 @@ async def test_rate_limited_then_flood_closed(alice: Keypair, bob: Keypair, auto
         # 20 refusals answered before the 21st strike closes the link; a reply still queued
         # when the close comes may be dropped (the close frame carries the reason)
         assert 15 <= errors <= 20
+        assert caught.value.reason is not None
         assert (caught.value.reason.code, caught.value.reason.reason) == (1008, "rate limit exceeded")
     assert len(handler.seen) == 4
     assert validator.stats()["rejections"] == {"rate limited": 21, "flooding": 1}
@@ -564,7 +571,8 @@ async def test_handler_error_answers_and_connection_keeps_serving(
     validator = ValidatorWebSocketManager(alice)
     calls: list[str] = []
 
-    async def handler(websocket: Any, message: PredictionMessage) -> None:
+    async def handler(websocket: Any, message: WebSocketMessage) -> None:
+        assert isinstance(message, PredictionMessage)
         calls.append(message.prediction.prediction_id)
         if message.prediction.prediction_id == "boom":
             raise RuntimeError("handler bug")
@@ -592,8 +600,9 @@ async def test_handler_concurrency(alice: Keypair, bob: Keypair, concurrency: in
     peak = 0
     started: list[str] = []
 
-    async def slow_handler(websocket: Any, message: PredictionMessage) -> None:
+    async def slow_handler(websocket: Any, message: WebSocketMessage) -> None:
         nonlocal active, peak
+        assert isinstance(message, PredictionMessage)
         started.append(message.prediction.prediction_id)
         active += 1
         peak = max(peak, active)
@@ -660,6 +669,7 @@ async def test_dead_peer_closed_1011_after_connection_timeout(
                 assert isinstance(await next_message(ws), HeartbeatMessage)
                 beats += 1
         assert trio.current_time() - start == pytest.approx(30.0)
+        assert caught.value.reason is not None
         assert (caught.value.reason.code, caught.value.reason.reason) == (1011, "connection timeout")
         assert beats == 2  # at 10 and 20; the one due at 30 loses to the timeout
     assert validator.stats()["rejections"] == {"connection timeout": 1}
@@ -740,14 +750,17 @@ def test_outbound_queue_replies_first() -> None:
         queue = OutboundQueue(4, 2)
         for i in range(2):
             assert queue.put_broadcast_nowait(Frame("game_update", f"b{i}"))
-        assert queue.full_since is None
+        assert queue.broadcasts_full()
         assert not queue.put_broadcast_nowait(Frame("game_update", "b2"))
-        assert queue.full_since is not None
         await queue.put_reply(Frame("confirmation", "r0"))
         assert queue.put_reply_nowait(Frame("heartbeat_ack", "r1"))
         assert queue.pending() == 4
-        out = [(await queue.get()).text for _ in range(4)]
-        assert queue.full_since is None
+        out = []
+        for _ in range(4):
+            frame = await queue.get()
+            assert frame is not None
+            out.append(frame.text)
+        assert not queue.broadcasts_full()
         queue.close()
         with pytest.raises(trio.ClosedResourceError):
             await queue.put_reply(Frame("x", "y"))
@@ -940,7 +953,9 @@ async def test_peer_close_and_abort_paths(alice: Keypair, bob: Keypair, autojump
     async with trio.open_nursery() as nursery:
         client_stream, server_stream = trio.testing.memory_stream_pair()
         nursery.start_soon(validator.handle_stream, server_stream)
-        ws = await trio_websocket.wrap_client_stream(nursery, client_stream, "localhost", "/ws")
+        ws = await trio_websocket.wrap_client_stream(
+            nursery, client_stream, "localhost", "/ws"  # type: ignore[arg-type]  # any trio Stream works
+        )
         await authenticate(ws, bob)
         conn = validator.connection(bob.ss58_address)
         assert conn is not None
@@ -1221,7 +1236,8 @@ async def test_miner_wait_connected_and_send(alice: Keypair, bob: Keypair, charl
     v2.register_handler("prediction", r2)
     confirmations: list[tuple[str, str]] = []
 
-    async def on_confirmation(websocket: Any, message: ConfirmationMessage) -> None:
+    async def on_confirmation(websocket: Any, message: WebSocketMessage) -> None:
+        assert isinstance(message, ConfirmationMessage)
         confirmations.append((websocket.hotkey, message.confirmation.prediction_id or ""))
 
     miner = MinerWebSocketManager(bob, [(alice.ss58_address, "ws://v1/ws"), (charlie.ss58_address, "ws://v2/ws")],
@@ -1334,7 +1350,7 @@ async def test_miner_refuses_bad_frames_from_its_validator_silently(
             done.set()
             await ws.aclose()
 
-    async def on_games(websocket: Any, message: GameUpdateMessage) -> None:
+    async def on_games(websocket: Any, message: WebSocketMessage) -> None:
         got.append(message.data["n"])
 
     got: list[int] = []
@@ -1352,8 +1368,8 @@ async def test_miner_refuses_bad_frames_from_its_validator_silently(
         assert got == [3]
         assert heard == []
         rejections = miner.stats()["rejections"]
-        assert rejections == {"invalid JSON": 1, "bad signature": 1,
-                              "sender does not match the authenticated hotkey": 1, "replayed nonce": 1}
+        assert rejections == {"malformed": 1, "bad signature": 1,
+                              "wrong sender": 1, "replayed nonce": 1}
         nursery.cancel_scope.cancel()
 
 
@@ -1390,7 +1406,7 @@ async def test_stats_shape(alice: Keypair, bob: Keypair, autojump_clock: Any) ->
         assert stats["connections_total"] == 1
         assert stats["frames_in"] == {}
         assert stats["frames_out"] == {"welcome": 1, "error": 1}
-        assert stats["rejections"] == {"invalid JSON": 1}
+        assert stats["rejections"] == {"malformed": 1}
         assert stats["reconnects"] == 0 and stats["dropped_broadcasts"] == 0
         assert stats["uptime"] >= 0.0
 
@@ -1429,7 +1445,8 @@ async def test_end_to_end_over_loopback(alice: Keypair, bob: Keypair) -> None:
         async with serving(validator) as nursery:
             confirmed = trio.Event()
 
-            async def on_confirmation(websocket: Any, message: ConfirmationMessage) -> None:
+            async def on_confirmation(websocket: Any, message: WebSocketMessage) -> None:
+                assert isinstance(message, ConfirmationMessage)
                 assert message.confirmation.prediction_id == "p1"
                 confirmed.set()
 
@@ -1546,7 +1563,7 @@ async def test_wss_over_loopback_with_trustme(alice: Keypair, bob: Keypair) -> N
         async with serving(validator) as nursery:
             confirmed = trio.Event()
 
-            async def on_confirmation(websocket: Any, message: ConfirmationMessage) -> None:
+            async def on_confirmation(websocket: Any, message: WebSocketMessage) -> None:
                 confirmed.set()
 
             url = f"wss://127.0.0.1:{validator.port}/ws"

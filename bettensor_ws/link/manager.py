@@ -1,49 +1,72 @@
-"""What validator and miner managers share: handlers, hooks, connections, stats."""
+"""What validator and miner managers share: handlers, hooks, links, stats."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any, ClassVar, TypeVar
 
+import attrs
 import trio
 from trio_websocket import WebSocketConnection
 
-from ..protocol.dispatch import Dispatcher, Handler
+from ..protocol.dispatch import Connection, Dispatcher, Handler
+from ..protocol.link import ConnectionSettings, LinkProtocol, Role
+from ..protocol.messages import WebSocketMessage
+from ..protocol.refusals import INTERNAL
 from ..protocol.replay import ReplayGuard
+from ..protocol.replies import to_message
 from ..protocol.signing import Signer
 from ..protocol.stats import Stats
-from .connection import CLOSE_INTERNAL, Connection, ConnectionSettings, LinkClosed
+from .connection import LinkClosed, LinkConnection
 
-__all__ = ["ConnectHook", "Manager"]
+__all__ = ["ConnectHook", "Manager", "settings_from"]
 
 log = logging.getLogger("bettensor_ws.manager")
 
-ConnectHook = Callable[[Connection], Awaitable[None]]
+ConnectHook = Callable[[LinkConnection], Awaitable[None]]
+M = TypeVar("M", bound=WebSocketMessage)
+
+_SETTING_NAMES = frozenset(f.name for f in attrs.fields(ConnectionSettings))
+
+
+def settings_from(
+    default: ConnectionSettings, settings: ConnectionSettings | None, overrides: Mapping[str, Any]
+) -> ConnectionSettings:
+    """``settings`` (or the side's ``default``) with keyword overrides, checked.
+
+    The keywords are the fields of :class:`ConnectionSettings`; anything else
+    is a ``TypeError``, and a value out of range a ``ValueError``, at once.
+    """
+    unknown = sorted(set(overrides) - _SETTING_NAMES)
+    if unknown:
+        raise TypeError(f"unexpected keyword argument {unknown[0]!r}")
+    return attrs.evolve(settings if settings is not None else default, **overrides)
 
 
 class Manager:
-    """The common half of both managers; each side adds how links are made."""
+    """The common half of both managers; each side adds how links are made.
 
-    def __init__(
-        self,
-        keypair: Signer,
-        *,
-        settings: ConnectionSettings,
-        replay_window: float,
-        features: Iterable[str],
-    ) -> None:
+    Owns the dispatch table, the connect hooks, the live links (one per peer
+    hotkey), the replay guard and the statistics shared by those links.
+    """
+
+    ROLE: ClassVar[Role]
+
+    def __init__(self, keypair: Signer, *, settings: ConnectionSettings, features: Iterable[str]) -> None:
         self.keypair = keypair
         self.hotkey: str = keypair.ss58_address
         self.settings = settings
         self.features = tuple(features)
         self.dispatcher = Dispatcher()
-        self.guard = ReplayGuard(replay_window)
+        self.guard = ReplayGuard(settings.replay_window)
         self._stats = Stats()
-        self._connections: dict[str, Connection] = {}
+        self._connections: dict[str, LinkConnection] = {}
         self._connect_hooks: list[ConnectHook] = []
 
-    def register_handler(self, message_type: str, handler: Handler) -> None:
+    def register_handler(
+        self, message_type: str, handler: Callable[[Connection, M], Awaitable[object]]
+    ) -> None:
         """Handle ``message_type`` with ``async def handler(websocket, message)``."""
         self.dispatcher.register_handler(message_type, handler)
 
@@ -51,42 +74,61 @@ class Manager:
         return self.dispatcher.unregister_handler(message_type)
 
     def on_connect(self, hook: ConnectHook) -> None:
-        """Run ``await hook(connection)`` once each link is up (after the Welcome)."""
+        """Run ``await hook(connection)`` once each link is up (after the Welcome).
+
+        Hooks run concurrently in the link's nursery and are cancelled when the
+        link ends; one that fails ends that link (1011), logged.
+        """
         self._connect_hooks.append(hook)
 
-    def connection(self, hotkey: str) -> Connection | None:
-        """The live connection to the peer ``hotkey``, if any."""
+    def connection(self, hotkey: str) -> LinkConnection | None:
+        """The live link to the peer ``hotkey``, if any."""
         return self._connections.get(hotkey)
 
     def stats(self) -> dict[str, Any]:
         return self._stats.snapshot(len(self._connections))
 
-    def _connection(self, ws: WebSocketConnection, peer_hotkey: str, offered: frozenset[str]) -> Connection:
-        return Connection(
-            ws,
-            keypair=self.keypair,
+    async def send_to(self, hotkey: str, message: WebSocketMessage | dict[str, Any]) -> bool:
+        """Sign and queue ``message`` for the peer ``hotkey``; False when it is not connected."""
+        conn = self._connections.get(hotkey)
+        if conn is None:
+            await trio.lowlevel.checkpoint()
+            return False
+        try:
+            await conn.send_message(to_message(message, self.hotkey))
+        except LinkClosed:
+            return False
+        return True
+
+    def _connection(self, ws: WebSocketConnection, peer_hotkey: str, offered: frozenset[str]) -> LinkConnection:
+        protocol = LinkProtocol(
+            role=self.ROLE,
+            signer=self.keypair,
             peer_hotkey=peer_hotkey,
-            features=offered & frozenset(self.features),
-            dispatcher=self.dispatcher,
+            settings=self.settings,
             guard=self.guard,
             stats=self._stats,
-            settings=self.settings,
+            now=trio.current_time(),
+            features=offered & frozenset(self.features),
+            handled=self.dispatcher.handlers,
         )
+        return LinkConnection(ws, protocol, self.dispatcher)
 
-    async def _serve_connection(self, conn: Connection) -> None:
-        """Run ``conn`` and the connect hooks until the link ends.
-
-        A hook that fails ends this link only, as any of its tasks would (1011).
-        """
+    async def _serve_connection(self, conn: LinkConnection) -> None:
+        """Run ``conn`` and its connect hooks, all in one nursery, until the link ends."""
         async with trio.open_nursery() as nursery:
             await nursery.start(conn.run)
             for hook in self._connect_hooks:
-                try:
-                    await hook(conn)
-                except LinkClosed:
-                    break
-                except Exception:
-                    log.exception("on_connect hook failed for %s", conn.hotkey)
-                    conn.close(CLOSE_INTERNAL, "Internal error")
-                    break
+                nursery.start_soon(self._run_hook, hook, conn)
             await conn.closed.wait()
+            nursery.cancel_scope.cancel()
+
+    @staticmethod
+    async def _run_hook(hook: ConnectHook, conn: LinkConnection) -> None:
+        try:
+            await hook(conn)
+        except LinkClosed:
+            return
+        except Exception:
+            log.exception("on_connect hook failed for %s", conn.hotkey)
+            conn.end(INTERNAL)

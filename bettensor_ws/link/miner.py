@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 import ssl
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
@@ -18,27 +17,20 @@ from trio_websocket import (
     wrap_client_stream,
 )
 
+from ..protocol.auth import build_auth, check_answer
 from ..protocol.backoff import Backoff
-from ..protocol.codec import decode, encode, loads_checked
-from ..protocol.errors import DecodeError
-from ..protocol.messages import WebSocketMessage, WelcomeMessage
+from ..protocol.codec import encode
+from ..protocol.errors import HandshakeRefused
+from ..protocol.link import ConnectionSettings, Frame, Role
+from ..protocol.messages import WebSocketMessage
+from ..protocol.refusals import GOING_AWAY, CloseCode, RefusalKind, bounded
 from ..protocol.replies import to_message
-from ..protocol.signing import Signer, build_auth, sign, verify
-from .connection import (
-    CLOSE_GOING_AWAY,
-    CLOSE_NORMAL,
-    CLOSE_POLICY,
-    Connection,
-    ConnectionSettings,
-    LinkClosed,
-    close_quietly,
-    first_leaf,
-    hold_transport,
-)
-from .manager import Manager
-from .outbound import Frame
+from ..protocol.signing import Signer, sign
+from .connection import LinkClosed, LinkConnection
+from .manager import Manager, settings_from
+from .transport import close_quietly, first_leaf, hold_transport, plain_errors
 
-__all__ = ["HandshakeRefused", "MinerWebSocketManager", "StreamOpener"]
+__all__ = ["MINER_SETTINGS", "HandshakeRefused", "MinerWebSocketManager", "StreamOpener"]
 
 log = logging.getLogger("bettensor_ws.miner")
 
@@ -46,21 +38,11 @@ StreamOpener = Callable[[str], Awaitable[trio.abc.Stream]]
 
 FEATURES: tuple[str, ...] = ()
 
-# "flood cooldown: retry in 42 s": a validator that refuses us for a while says how long
-_RETRY_HINT = re.compile(r"retry in (\d+(?:\.\d+)?) s")
+MINER_SETTINGS = ConnectionSettings(rate_limit=None, max_message_size=16 << 20)
+"""A miner's defaults: it trusts (and does not pace) the validators it chose to dial."""
+
 MAX_RETRY_HINT = 3600.0
 """Longest wait a validator's hint can impose, so a bogus hint cannot park a link for good."""
-
-
-class HandshakeRefused(Exception):
-    """The validator refused us, or proved not to be who we expected.
-
-    ``retry_after``: the seconds the validator asked us to wait, if it said.
-    """
-
-    def __init__(self, reason: str, retry_after: float | None = None) -> None:
-        super().__init__(reason)
-        self.retry_after = retry_after
 
 
 class MinerWebSocketManager(Manager):
@@ -71,49 +53,41 @@ class MinerWebSocketManager(Manager):
     miner never talks to an impostor. Start it with ``await nursery.start(miner.run)``.
     """
 
+    ROLE = Role.MINER
+
     def __init__(
         self,
         keypair: Signer,
         validators: Iterable[tuple[str, str]] = (),
         *,
-        heartbeat_interval: float = 60.0,
-        connection_timeout: float = 300.0,
+        settings: ConnectionSettings | None = None,
         reconnect_base_interval: float = 1.0,
         max_reconnect_interval: float = 60.0,
         stable_after: float = 30.0,
         connect_timeout: float = 10.0,
-        send_timeout: float = 10.0,
-        max_message_size: int = 16 << 20,
-        handler_concurrency: int = 1,
-        replay_window: float = 300.0,
         ssl_context: ssl.SSLContext | None = None,
         features: Iterable[str] = FEATURES,
         stream_opener: StreamOpener | None = None,
+        **overrides: Any,
     ) -> None:
+        """``settings`` (default :data:`MINER_SETTINGS`) may be adjusted by
+        keyword: ``MinerWebSocketManager(key, validators, heartbeat_interval=30)``."""
         super().__init__(
-            keypair,
-            settings=ConnectionSettings(
-                heartbeat_interval=heartbeat_interval,
-                connection_timeout=connection_timeout,
-                send_timeout=send_timeout,
-                max_message_size=max_message_size,
-                rate_limit=None,
-                handler_concurrency=handler_concurrency,
-                reply_errors=False,
-            ),
-            replay_window=replay_window,
-            features=features,
+            keypair, settings=settings_from(MINER_SETTINGS, settings, overrides), features=features
         )
         self.validators: dict[str, str] = dict(validators)
         self.reconnect_base_interval = reconnect_base_interval
         self.max_reconnect_interval = max_reconnect_interval
         self.stable_after = stable_after
         self.connect_timeout = connect_timeout
-        self.max_message_size = max_message_size
         self.ssl_context = ssl_context
         self._open_stream = stream_opener or self._open_tcp
         self._changed = trio.Event()
         self.last_error: dict[str, str] = {}
+
+    @property
+    def max_message_size(self) -> int:
+        return self.settings.max_message_size
 
     # ---- configuration ---------------------------------------------------------------------
 
@@ -139,7 +113,8 @@ class MinerWebSocketManager(Manager):
     async def send(
         self, message: WebSocketMessage | dict[str, Any], validator_hotkey: str | None = None
     ) -> list[str]:
-        """Sign once and queue for that validator, or every connected one; returns who got it."""
+        """Sign once and queue for every connected validator (or only ``validator_hotkey``);
+        returns who got it. :meth:`send_to` is the one-peer form, as on the validator."""
         signed = sign(to_message(message, self.hotkey), self.keypair)
         frame = Frame(signed.type, encode(signed))
         targets = (
@@ -161,10 +136,11 @@ class MinerWebSocketManager(Manager):
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Supervise one link per validator until cancelled."""
-        async with trio.open_nursery() as nursery:
-            for hotkey, url in self.validators.items():
-                nursery.start_soon(self._supervise, hotkey, url, name=f"supervise {hotkey[:8]}")
-            task_status.started()
+        with plain_errors():
+            async with trio.open_nursery() as nursery:
+                for hotkey, url in self.validators.items():
+                    nursery.start_soon(self._supervise, hotkey, url, name=f"supervise {hotkey[:8]}")
+                task_status.started()
 
     async def _supervise(self, validator_hotkey: str, url: str) -> None:
         backoff = Backoff(self.reconnect_base_interval, self.max_reconnect_interval)
@@ -175,13 +151,14 @@ class MinerWebSocketManager(Manager):
                 await self._connect_once(validator_hotkey, url)
             except* HandshakeRefused as group:
                 refused = first_leaf(group)
-                self._failed(validator_hotkey, str(refused))
-                if isinstance(refused, HandshakeRefused) and refused.retry_after:
+                assert isinstance(refused, HandshakeRefused)
+                self._failed(validator_hotkey, str(refused), refused.refusal.kind)
+                if refused.retry_after:
                     asked = min(refused.retry_after, MAX_RETRY_HINT)
             except* (OSError, ConnectionClosed, HandshakeError, trio.TooSlowError,
                      trio.BrokenResourceError, trio.ClosedResourceError) as group:
                 cause = first_leaf(group)
-                self._failed(validator_hotkey, f"{type(cause).__name__}: {cause}")
+                self._failed(validator_hotkey, f"{type(cause).__name__}: {cause}", RefusalKind.CONNECT_FAILED)
             except* Exception:
                 log.exception("link to validator %s failed", validator_hotkey)
                 self.last_error[validator_hotkey] = "internal error"
@@ -192,9 +169,10 @@ class MinerWebSocketManager(Manager):
             await trio.sleep(delay)
             self._stats.reconnects += 1
 
-    def _failed(self, validator_hotkey: str, reason: str) -> None:
+    def _failed(self, validator_hotkey: str, reason: str, kind: RefusalKind) -> None:
+        reason = bounded(reason)
         self.last_error[validator_hotkey] = reason
-        self._stats.reject(reason)
+        self._stats.reject(kind)
         log.warning("link to validator %s: %s", validator_hotkey, reason)
 
     async def _open_tcp(self, url: str) -> trio.abc.Stream:
@@ -245,18 +223,18 @@ class MinerWebSocketManager(Manager):
     async def _connect_once(self, validator_hotkey: str, url: str) -> None:
         async with trio.open_nursery() as nursery:
             ws, hold = await nursery.start(hold_transport, self._opener(url))
-            conn: Connection | None = None
-            # how to close if there is no Connection yet: shut down while handshaking is
+            conn: LinkConnection | None = None
+            # how to close if there is no link yet: shut down while handshaking is
             # going away; a refused validator is told why
-            fallback = (CLOSE_POLICY, "")
+            fallback: tuple[int, str] = (CloseCode.POLICY, "")
             try:
                 try:
                     conn = await self._handshake(ws, validator_hotkey)
                 except trio.Cancelled:
-                    fallback = (CLOSE_GOING_AWAY, "Going away")
+                    fallback = (GOING_AWAY.code, GOING_AWAY.reason)
                     raise
                 except HandshakeRefused as exc:
-                    fallback = (CLOSE_POLICY, str(exc))
+                    fallback = (CloseCode.POLICY, str(exc))
                     raise
                 await self._run_connection(conn)
             finally:
@@ -264,35 +242,15 @@ class MinerWebSocketManager(Manager):
                 await close_quietly(ws, code, reason, self.settings.close_timeout)
                 hold.cancel()
 
-    async def _handshake(self, ws: WebSocketConnection, validator_hotkey: str) -> Connection:
+    async def _handshake(self, ws: WebSocketConnection, validator_hotkey: str) -> LinkConnection:
         """Authenticate, then insist that the Welcome is signed by the expected validator."""
         await ws.send_message(orjson.dumps(build_auth(self.keypair, features=self.features)).decode())
         with trio.fail_after(self.connect_timeout):
             raw = await ws.get_message()
-        try:
-            frame = loads_checked(raw, max_size=self.max_message_size)
-        except DecodeError as exc:
-            raise HandshakeRefused(f"unreadable answer to auth: {exc}") from None
-        if isinstance(frame, dict) and frame.get("status") == "error" and "type" not in frame:
-            reason = str(frame.get("message", ""))
-            hint = _RETRY_HINT.search(reason)
-            raise HandshakeRefused(
-                f"validator refused auth: {reason}", float(hint.group(1)) if hint else None
-            )
-        try:
-            welcome = decode(raw, max_size=self.max_message_size)
-        except DecodeError as exc:
-            raise HandshakeRefused(f"unreadable welcome: {exc}") from None
-        if not isinstance(welcome, WelcomeMessage):
-            raise HandshakeRefused(f"expected a welcome, got {welcome.type!r}")
-        if welcome.sender != validator_hotkey or not verify(welcome):
-            raise HandshakeRefused("welcome not signed by the expected validator hotkey")
-        problem = self.guard.check(welcome.sender, welcome.nonce, welcome.timestamp)
-        if problem is not None:
-            raise HandshakeRefused(f"welcome refused: {problem}")
+        welcome = check_answer(raw, validator_hotkey, guard=self.guard, max_size=self.max_message_size)
         return self._connection(ws, validator_hotkey, welcome.features)
 
-    async def _run_connection(self, conn: Connection) -> None:
+    async def _run_connection(self, conn: LinkConnection) -> None:
         self._connections[conn.hotkey] = conn
         self._stats.connections_total += 1
         self.last_error.pop(conn.hotkey, None)
@@ -304,5 +262,5 @@ class MinerWebSocketManager(Manager):
             if self._connections.get(conn.hotkey) is conn:
                 del self._connections[conn.hotkey]
                 self._notify()
-            if conn.close_code != CLOSE_NORMAL:
+            if conn.close_code != CloseCode.NORMAL:
                 log.info("link to %s ended (%d %s)", conn.hotkey, conn.close_code, conn.close_reason)

@@ -2,33 +2,25 @@
 
 from __future__ import annotations
 
-import attrs
 import trio
 
+from ..protocol.link import Frame
+
 __all__ = ["Frame", "OutboundQueue"]
-
-
-@attrs.frozen
-class Frame:
-    """An encoded frame waiting for the writer; ``type`` is kept for stats and logs."""
-
-    type: str
-    text: str
 
 
 class OutboundQueue:
     """Two bounded memory channels and one wake-up.
 
     Replies (confirmations, errors, heartbeat acks) apply backpressure to the
-    task producing them; broadcasts never wait: a full queue refuses them and
-    records since when it has been full, so a slow peer can be told apart.
+    task producing them; broadcasts never wait: a full queue refuses them, and
+    the link's protocol object decides when "full" has lasted too long.
     """
 
     def __init__(self, replies: int = 256, broadcasts: int = 256) -> None:
         self._reply_send, self._reply_recv = trio.open_memory_channel[Frame](replies)
         self._bcast_send, self._bcast_recv = trio.open_memory_channel[Frame](broadcasts)
         self._ready = trio.Event()
-        self.full_since: float | None = None
 
     async def put_reply(self, frame: Frame) -> None:
         await self._reply_send.send(frame)
@@ -46,11 +38,13 @@ class OutboundQueue:
         try:
             self._bcast_send.send_nowait(frame)
         except trio.WouldBlock:
-            if self.full_since is None:
-                self.full_since = trio.current_time()
             return False
         self._ready.set()
         return True
+
+    def broadcasts_full(self) -> bool:
+        stats = self._bcast_send.statistics()
+        return stats.current_buffer_used >= stats.max_buffer_size
 
     def pending(self) -> int:
         return (
@@ -69,13 +63,11 @@ class OutboundQueue:
         except trio.WouldBlock:
             pass
         try:
-            frame = self._bcast_recv.receive_nowait()
+            return self._bcast_recv.receive_nowait()
         except trio.WouldBlock:
             self._ready = trio.Event()
             await self._ready.wait()
             return None
-        self.full_since = None
-        return frame
 
     def wake(self) -> None:
         """Wake the writer without queueing a frame."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import random
 import ssl
 import time
@@ -15,43 +14,44 @@ import orjson
 import trio
 from trio_websocket import ConnectionClosed, WebSocketRequest, wrap_server_stream
 
+from ..protocol.auth import check_auth, cooldown_refusal, refusal_frame
 from ..protocol.codec import encode, loads_checked
 from ..protocol.errors import AuthError, DecodeError
+from ..protocol.link import ConnectionSettings, Frame, Role
 from ..protocol.messages import GameUpdateMessage, WebSocketMessage, WelcomeMessage, now_iso
 from ..protocol.payloads import TeamGame, converter
 from ..protocol.ratelimit import FloodCooldown
-from ..protocol.replies import to_message
-from ..protocol.signing import REASON_AUTH_TIMEOUT, REASON_MALFORMED, Signer, check_auth, sign
-from .connection import (
-    CLOSE_GOING_AWAY,
-    CLOSE_INTERNAL,
-    CLOSE_NORMAL,
-    CLOSE_POLICY,
-    REASON_FLOODING,
-    Connection,
-    ConnectionSettings,
-    LinkClosed,
-    close_quietly,
-    hold_transport,
+from ..protocol.refusals import (
+    DEREGISTERED,
+    FLOODED,
+    GOING_AWAY,
+    INTERNAL,
+    REPLACED,
+    CloseCode,
+    Refusal,
+    RefusalKind,
 )
-from .manager import Manager
-from .outbound import Frame
+from ..protocol.replies import to_message
+from ..protocol.signing import Signer, sign
+from .connection import LinkConnection
+from .manager import Manager, settings_from
+from .transport import close_quietly, hold_transport, plain_errors
 
-__all__ = ["ValidatorWebSocketManager"]
+__all__ = ["VALIDATOR_SETTINGS", "ValidatorWebSocketManager"]
 
 log = logging.getLogger("bettensor_ws.validator")
 
 
 FEATURES: tuple[str, ...] = ()
 
+VALIDATOR_SETTINGS = ConnectionSettings(rate_limit=50.0, max_message_size=1 << 20)
+"""A validator's defaults: miners are rate limited; a frame may be up to 1 MiB."""
+
 AUTH_JITTER = 0.1
 """A connection's upgrade and auth deadlines are ``auth_timeout`` plus up to 10% more,
 at random: peers that connected together (a slowloris crowd) are then not all refused,
 and do not all reconnect, in the same instant, a burst that held up every other
 miner's messages for tens of milliseconds."""
-
-# How a hotkey closed for flooding (REASON_FLOODING) is refused while it cools down.
-REASON_FLOOD_COOLDOWN = "flood cooldown"
 
 
 def _hotkeys_of(metagraph: Any) -> frozenset[str] | None:
@@ -75,6 +75,8 @@ class ValidatorWebSocketManager(Manager):
     full handshake and a fresh burst of refused frames every few milliseconds.
     """
 
+    ROLE = Role.VALIDATOR
+
     def __init__(
         self,
         keypair: Signer,
@@ -82,43 +84,32 @@ class ValidatorWebSocketManager(Manager):
         host: str = "127.0.0.1",
         port: int = 0,
         *,
-        heartbeat_interval: float = 60.0,
-        connection_timeout: float = 300.0,
-        auth_timeout: float = 10.0,
-        max_message_size: int = 1 << 20,
-        rate_limit: float = 50.0,
-        rate_burst: int = 200,
-        send_timeout: float = 10.0,
-        handler_concurrency: int = 1,
-        replay_window: float = 300.0,
+        settings: ConnectionSettings | None = None,
         flood_cooldown: float = 60.0,
         ssl_context: ssl.SSLContext | None = None,
         features: Iterable[str] = FEATURES,
+        **overrides: Any,
     ) -> None:
+        """``settings`` (default :data:`VALIDATOR_SETTINGS`) may be adjusted by
+        keyword: ``ValidatorWebSocketManager(key, heartbeat_interval=30)``."""
         super().__init__(
-            keypair,
-            settings=ConnectionSettings(
-                heartbeat_interval=heartbeat_interval,
-                connection_timeout=connection_timeout,
-                send_timeout=send_timeout,
-                max_message_size=max_message_size,
-                rate_limit=rate_limit,
-                rate_burst=rate_burst,
-                handler_concurrency=handler_concurrency,
-                reply_errors=True,
-            ),
-            replay_window=replay_window,
-            features=features,
+            keypair, settings=settings_from(VALIDATOR_SETTINGS, settings, overrides), features=features
         )
         self.host = host
         self.port = port
-        self.auth_timeout = auth_timeout
-        self.max_message_size = max_message_size
         self.ssl_context = ssl_context
         self._cooldown = FloodCooldown(flood_cooldown)
         self._allowed = _hotkeys_of(metagraph)
         self._last_games_digest: str | None = None
         self.listening = trio.Event()
+
+    @property
+    def auth_timeout(self) -> float:
+        return self.settings.auth_timeout
+
+    @property
+    def max_message_size(self) -> int:
+        return self.settings.max_message_size
 
     # ---- configuration ---------------------------------------------------------------------
 
@@ -130,7 +121,7 @@ class ValidatorWebSocketManager(Manager):
         self._allowed = _hotkeys_of(metagraph)
         dropped = [h for h in self._connections if not self.is_registered(h)]
         for hotkey in dropped:
-            self._connections[hotkey].close(CLOSE_POLICY, "Hotkey no longer registered")
+            self._connections[hotkey].end(DEREGISTERED)
         return dropped
 
     # ---- state -----------------------------------------------------------------------------
@@ -164,18 +155,6 @@ class ValidatorWebSocketManager(Manager):
             GameUpdateMessage(sender=self.hotkey, data={"games": rows, "timestamp": now_iso()})
         )
 
-    async def send_to(self, hotkey: str, message: WebSocketMessage | dict[str, Any]) -> bool:
-        """Queue ``message`` for one miner; False when it is not connected."""
-        conn = self._connections.get(hotkey)
-        if conn is None:
-            await trio.lowlevel.checkpoint()
-            return False
-        try:
-            await conn.send_message(to_message(message, self.hotkey))
-        except LinkClosed:
-            return False
-        return True
-
     # ---- serving ---------------------------------------------------------------------------
 
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
@@ -183,20 +162,21 @@ class ValidatorWebSocketManager(Manager):
 
         Cancelling closes every connection with 1001 within about a second.
         """
-        if self.ssl_context is not None:
-            listeners: list[Any] = await trio.open_ssl_over_tcp_listeners(
-                self.port, self.ssl_context, host=self.host
+        with plain_errors():
+            if self.ssl_context is not None:
+                listeners: list[Any] = await trio.open_ssl_over_tcp_listeners(
+                    self.port, self.ssl_context, host=self.host
+                )
+            else:
+                listeners = await trio.open_tcp_listeners(self.port, host=self.host)
+            self.port = listeners[0].socket.getsockname()[1] if self.ssl_context is None else (
+                listeners[0].transport_listener.socket.getsockname()[1]
             )
-        else:
-            listeners = await trio.open_tcp_listeners(self.port, host=self.host)
-        self.port = listeners[0].socket.getsockname()[1] if self.ssl_context is None else (
-            listeners[0].transport_listener.socket.getsockname()[1]
-        )
-        log.info("listening on %s://%s:%d/ws", "wss" if self.ssl_context else "ws", self.host, self.port)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(trio.serve_listeners, self.handle_stream, listeners)
-            self.listening.set()
-            task_status.started(self.port)
+            log.info("listening on %s://%s:%d/ws", "wss" if self.ssl_context else "ws", self.host, self.port)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(trio.serve_listeners, self.handle_stream, listeners)
+                self.listening.set()
+                task_status.started(self.port)
 
     async def handle_stream(self, stream: trio.abc.Stream) -> None:
         """Serve one transport stream (TCP, TLS, or in-memory in tests).
@@ -242,25 +222,25 @@ class ValidatorWebSocketManager(Manager):
             await request.reject(404, body=b"not found: the endpoint is /ws\n")
             return
         ws = await request.accept()
-        conn: Connection | None = None
-        # how to close if there is no Connection yet: shut down while authenticating is
+        conn: LinkConnection | None = None
+        # how to close if there is no link yet: shut down while authenticating is
         # going away, anything else a failure inside
-        fallback = (CLOSE_INTERNAL, "Internal error")
+        fallback = INTERNAL
         try:
             try:
                 conn = await self._authenticate(ws)
             except trio.Cancelled:
-                fallback = (CLOSE_GOING_AWAY, "Going away")
+                fallback = GOING_AWAY
                 raise
             if conn is None:
                 return
             await self._run_connection(conn)
         finally:
-            code, reason = (conn.close_code, conn.close_reason) if conn else fallback
+            code, reason = (conn.close_code, conn.close_reason) if conn else (fallback.code, fallback.reason)
             if conn is not None or not ws.closed:
                 await close_quietly(ws, code, reason, self.settings.close_timeout)
 
-    async def _authenticate(self, ws: Any) -> Connection | None:
+    async def _authenticate(self, ws: Any) -> LinkConnection | None:
         """Read and check the auth frame; on failure answer the reference's bare error."""
         hold_until = trio.current_time() + self.auth_timeout / 2
         raw: str | bytes | None = None
@@ -268,22 +248,23 @@ class ValidatorWebSocketManager(Manager):
             raw = await ws.get_message()
         try:
             if raw is None:
-                raise AuthError(REASON_AUTH_TIMEOUT)
+                raise AuthError(Refusal(RefusalKind.AUTH_TIMEOUT))
             try:
                 frame = loads_checked(raw, max_size=self.max_message_size)
             except DecodeError as exc:
-                raise AuthError(f"{REASON_MALFORMED}: {exc}") from None
+                raise AuthError(Refusal(RefusalKind.AUTH_MALFORMED, str(exc))) from None
             await self._wait_out_cooldown(frame, hold_until)
             info = check_auth(frame, guard=self.guard, allowed=self.is_registered, now=time.time())
         except AuthError as exc:
-            self._stats.reject(exc.reason)
-            if exc.reason.startswith(REASON_FLOOD_COOLDOWN):
+            refusal = exc.refusal
+            self._stats.reject(refusal.kind)
+            if refusal.kind is RefusalKind.FLOOD_COOLDOWN:
                 # one warning when the ban starts is enough; a flooder retries many times
-                log.debug("refused a miner: %s", exc.reason)
+                log.debug("refused a miner: %s", refusal.text())
             else:
-                log.warning("refused a miner: %s", exc.reason)
-            await ws.send_message(orjson.dumps({"status": "error", "message": exc.reason}).decode())
-            await close_quietly(ws, CLOSE_POLICY, exc.reason, self.settings.close_timeout)
+                log.warning("refused a miner: %s", refusal.text())
+            await ws.send_message(refusal_frame(refusal))
+            await close_quietly(ws, CloseCode.POLICY, refusal.text(), self.settings.close_timeout)
             return None
         return self._connection(ws, info.hotkey, info.features)
 
@@ -298,18 +279,15 @@ class ValidatorWebSocketManager(Manager):
         refusal grants nothing, and holding costs no more than a peer that sends
         no auth frame at all.
         """
-        hotkey = frame.get("hotkey") if isinstance(frame, dict) else None
-        if not isinstance(hotkey, str):
+        cooling = cooldown_refusal(frame, self._cooldown, trio.current_time())
+        if cooling is None:
             return
-        left = self._cooldown.remaining(hotkey, trio.current_time())
-        if left is None:
-            return
-        await trio.sleep_until(min(hold_until, trio.current_time() + left))
-        left = self._cooldown.remaining(hotkey, trio.current_time())
-        if left is not None:
-            raise AuthError(f"{REASON_FLOOD_COOLDOWN}: retry in {math.ceil(left)} s")
+        await trio.sleep_until(min(hold_until, trio.current_time() + cooling[1]))
+        cooling = cooldown_refusal(frame, self._cooldown, trio.current_time())
+        if cooling is not None:
+            raise AuthError(Refusal.cooldown(cooling[1]))
 
-    async def _run_connection(self, conn: Connection) -> None:
+    async def _run_connection(self, conn: LinkConnection) -> None:
         # The Welcome is queued before the connection is listed, so no broadcast
         # can reach the miner ahead of it.
         welcome: dict[str, Any] = {"message": "Connection established", "status": "success"}
@@ -319,7 +297,7 @@ class ValidatorWebSocketManager(Manager):
         old = self._connections.get(conn.hotkey)
         if old is not None:
             log.info("replacing the connection of %s", conn.hotkey)
-            old.close(CLOSE_NORMAL, "New connection established")
+            old.end(REPLACED)
         self._connections[conn.hotkey] = conn
         self._stats.connections_total += 1
         log.info("miner %s connected", conn.hotkey)
@@ -328,7 +306,7 @@ class ValidatorWebSocketManager(Manager):
         finally:
             if self._connections.get(conn.hotkey) is conn:
                 del self._connections[conn.hotkey]
-            if (conn.close_code, conn.close_reason) == (CLOSE_POLICY, REASON_FLOODING):
+            if conn.protocol.closing == FLOODED:
                 self._cooldown.ban(conn.hotkey, trio.current_time())
                 if self._cooldown.seconds > 0:
                     log.warning(

@@ -14,11 +14,11 @@ from typing import Any
 
 import trio
 
-from ..link.connection import BATCH, Connection, LinkClosed
+from ..link.connection import BATCH, LinkClosed, LinkConnection
 from ..link.miner import MinerWebSocketManager
 from ..link.outbound import Frame
 from ..protocol.codec import encode
-from ..protocol.dispatch import INTERNAL_ERROR
+from ..protocol.dispatch import INTERNAL_ERROR, Connection
 from ..protocol.messages import (
     ConfirmationMessage,
     GameUpdateMessage,
@@ -27,12 +27,13 @@ from ..protocol.messages import (
     now_iso,
 )
 from ..protocol.ratelimit import TokenBucket
+from ..protocol.refusals import Refusal
 from ..protocol.signing import Signer, sign
 from .dbthread import DbThread
 from .rules import DAILY_WAGER_LIMIT
 from .store import MinerStore
 
-__all__ = ["MinerNode", "Strategy", "TRANSIENT_REFUSALS", "favourite_strategy"]
+__all__ = ["MinerNode", "Strategy", "favourite_strategy"]
 
 log = logging.getLogger("bettensor_ws.node")
 
@@ -76,17 +77,6 @@ def favourite_strategy(wager: float = 1.0, miner_uid: str = "0", model_name: str
         return predictions
 
     return predict
-
-
-TRANSIENT_REFUSALS = (
-    "rate limited",
-    "stale timestamp",
-    "future timestamp",
-    "replayed nonce",
-    "replay guard full",
-    INTERNAL_ERROR,
-)
-"""Refusals that say nothing about the prediction itself: it stays pending."""
 
 
 class _Outbox:
@@ -181,14 +171,15 @@ class MinerNode(MinerWebSocketManager):
         go again after ``retry_after``); a malformed prediction would be refused
         forever, so it is recorded as rejected with the validator's reason.
         """
-        reason = str(message.data.get("message", ""))
+        refusal = Refusal.parse(message.data.get("message", ""))  # the wire text, read once
+        reason = refusal.text()
         nonce = message.data.get("refused_nonce")
         outbox = self._outboxes.get(websocket.hotkey)
         if outbox is None or not isinstance(nonce, str) or nonce not in outbox.by_nonce:
             log.warning("validator %s refused a frame: %s", websocket.hotkey, reason)
             return
         _, pids = outbox.by_nonce.pop(nonce)
-        if reason.startswith(TRANSIENT_REFUSALS):
+        if refusal.transient:
             return
         await self.db.run(
             self.store.record_results, websocket.hotkey, [(pid, "error", reason) for pid in pids]
@@ -243,7 +234,7 @@ class MinerNode(MinerWebSocketManager):
 
     # ---- the outbox -----------------------------------------------------------------------
 
-    async def run_outbox(self, connection: Connection) -> None:
+    async def run_outbox(self, connection: LinkConnection) -> None:
         """Resend what is pending for this validator, then keep sending, until the link ends."""
         outbox = _Outbox()
         self._outboxes[connection.hotkey] = outbox
@@ -256,7 +247,7 @@ class MinerNode(MinerWebSocketManager):
             if self._outboxes.get(connection.hotkey) is outbox:
                 del self._outboxes[connection.hotkey]
 
-    async def _drain(self, connection: Connection, outbox: _Outbox) -> None:
+    async def _drain(self, connection: LinkConnection, outbox: _Outbox) -> None:
         batched = BATCH in connection.features
         bucket = TokenBucket(self.send_rate, self.send_burst, now=trio.current_time())
         while True:
@@ -290,7 +281,7 @@ class MinerNode(MinerWebSocketManager):
                 await outbox.wake.wait()
 
     async def _send(
-        self, connection: Connection, outbox: _Outbox, predictions: list[dict[str, Any]], data: dict[str, Any]
+        self, connection: LinkConnection, outbox: _Outbox, predictions: list[dict[str, Any]], data: dict[str, Any]
     ) -> None:
         now = trio.current_time()
         pids = []

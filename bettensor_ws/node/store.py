@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import sqlite3
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,8 +21,23 @@ import orjson
 from ..protocol.payloads import TeamGame, converter
 from .rules import check_prediction, prediction_id_of, utc_day
 
-__all__ = ["MinerStore", "PredictionResult", "ValidatorStore", "canonical"]
+__all__ = [
+    "KNOWN_GAME_CACHE_SIZE",
+    "UNKNOWN_GAME_CACHE_SIZE",
+    "MinerStore",
+    "PredictionResult",
+    "ValidatorStore",
+    "canonical",
+]
 
+UNKNOWN_GAME_CACHE_SIZE = 4_096
+"""Most game ids a :class:`ValidatorStore` remembers as unknown, least recently used
+forgotten first. Any miner can name any game id, so this cache must not grow with
+what miners send; a forgotten id costs one query the next time it is named."""
+
+KNOWN_GAME_CACHE_SIZE = 4_096
+"""Most stored games a :class:`ValidatorStore` keeps in memory (LRU). Apart from the
+unknown ids, so that a flood of made-up ids cannot push the real games out."""
 
 
 GAME_COLUMNS = (
@@ -201,15 +217,48 @@ class ValidatorStore(_Store):
     def __init__(self, path: str | Path) -> None:
         super().__init__(path)
         # Read on every prediction, written only here: kept in memory so a group
-        # commit makes no per-game or per-miner queries.
-        self._game_cache: dict[str, dict[str, Any] | None] = {}
+        # commit makes no per-game or per-miner queries. Both game caches are LRUs
+        # of bounded size (see _game_for); upsert_games keeps them current.
+        self._known_games: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._unknown_games: OrderedDict[str, None] = OrderedDict()
         self._day_wagers: dict[tuple[str, str], float] = {}
 
     def upsert_games(self, games: Iterable[TeamGame | dict[str, Any]]) -> list[str]:
-        changed = super().upsert_games(games)
-        for game_id in changed:
-            self._game_cache.pop(game_id, None)
+        rows = list(games)
+        changed = super().upsert_games(rows)
+        # Forget every id just stored, changed or not (another connection may have
+        # written the row first): the next prediction on it reads the row afresh
+        # and is never answered "game unknown" from a stale entry.
+        for row in rows:
+            game_id = str(_game_row(row)[0])
+            self._known_games.pop(game_id, None)
+            self._unknown_games.pop(game_id, None)
         return changed
+
+    def _game_for(self, game_id: Any) -> dict[str, Any] | None:
+        """The stored game ``game_id`` names, or None: from the caches, else one query."""
+        if game_id is None:
+            return None  # refused as missing data; caching it as "None" could hide a game so named
+        key = str(game_id)
+        known = self._known_games
+        game = known.get(key)
+        if game is not None:
+            known.move_to_end(key)
+            return game
+        unknown = self._unknown_games
+        if key in unknown:
+            unknown.move_to_end(key)
+            return None
+        game = self.game(key)
+        if game is not None:
+            known[key] = game
+            if len(known) > KNOWN_GAME_CACHE_SIZE:
+                known.popitem(last=False)
+        else:
+            unknown[key] = None
+            if len(unknown) > UNKNOWN_GAME_CACHE_SIZE:
+                unknown.popitem(last=False)
+        return game
 
     def submit(
         self, miner_hotkey: str, predictions: Sequence[dict[str, Any]], now: datetime | None = None
@@ -243,7 +292,6 @@ class ValidatorStore(_Store):
                 [pid for _, predictions in jobs for pid in map(prediction_id_of, predictions) if pid]
             )
             batch.wagered = self._wagered({hotkey for hotkey, _ in jobs}, batch.day)
-            batch.games = self._game_cache
             results = [self._decide(batch, hotkey, predictions) for hotkey, predictions in jobs]
             _insert_rows(
                 db,
@@ -280,12 +328,9 @@ class ValidatorStore(_Store):
                         _result(pid, "error", "prediction_id already used for another prediction")
                     )
                 continue
-            game_id = data.get("game_id")
-            key = str(game_id)
-            if key not in batch.games:
-                batch.games[key] = self.game(key) if game_id is not None else None
+            key = str(data.get("game_id"))
             reason = check_prediction(
-                data, game=batch.games[key], wagered_today=wagered, now=batch.moment
+                data, game=self._game_for(data.get("game_id")), wagered_today=wagered, now=batch.moment
             )
             if reason is not None:
                 if pid is not None:
@@ -387,7 +432,6 @@ class _Batch:
         self.moment = moment
         self.day = utc_day(moment)
         self.received_at = moment.isoformat()
-        self.games: dict[str, dict[str, Any] | None] = {}
         self.wagered: dict[str, float] = {}
         self.answered: dict[str, tuple[str, str, str, str]] = {}
         self.accepted: list[tuple[Any, ...]] = []

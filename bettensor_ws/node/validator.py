@@ -13,9 +13,10 @@ from typing import Any
 
 import trio
 
-from ..link.connection import BATCH, Connection
+from ..link.connection import BATCH, LinkConnection
+from ..link.transport import plain_errors
 from ..link.validator import ValidatorWebSocketManager
-from ..protocol.dispatch import INTERNAL_ERROR
+from ..protocol.dispatch import INTERNAL_ERROR, Connection
 from ..protocol.messages import (
     GameUpdateMessage,
     PredictionMessage,
@@ -54,10 +55,11 @@ class ValidatorNode(ValidatorWebSocketManager):
 
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve miners, with the group committer running beside the connections."""
-        async with trio.open_nursery() as nursery:
-            await nursery.start(self._run_committer)
-            port = await nursery.start(super().serve)
-            task_status.started(port)
+        with plain_errors():
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self._run_committer)
+                port = await nursery.start(super().serve)
+                task_status.started(port)
 
     async def _run_committer(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self._committing = True
@@ -76,7 +78,7 @@ class ValidatorNode(ValidatorWebSocketManager):
         assert isinstance(message, PredictionMessage)
         predictions = message.raw_predictions()
         is_batch = message.is_batch
-        if self._committing and isinstance(websocket, Connection):
+        if self._committing and isinstance(websocket, LinkConnection):
             conn = websocket
 
             def answer(results: list[PredictionResult] | None) -> None:
@@ -89,14 +91,14 @@ class ValidatorNode(ValidatorWebSocketManager):
         except Exception:
             log.exception("storing %d predictions from %s failed", len(predictions), websocket.hotkey)
             results = _internal_errors(predictions)
-        if BATCH in getattr(websocket, "features", ()):
+        if isinstance(websocket, LinkConnection) and BATCH in websocket.features:
             await websocket.send_results(results)
         elif is_batch:
             await websocket.send_json({"type": "confirmation", "results": results, "timestamp": now_iso()})
         else:
             await websocket.send_json({"type": "confirmation", **results[0], "timestamp": now_iso()})
 
-    async def send_upcoming_games(self, connection: Connection) -> None:
+    async def send_upcoming_games(self, connection: LinkConnection) -> None:
         """Right after Welcome: every active game not yet started, as one update."""
         games = await self.db.run(self.store.upcoming_games)
         if games:

@@ -9,11 +9,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from types import MappingProxyType
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from .messages import PredictionMessage, WebSocketMessage
 
-__all__ = ["Dispatcher", "Handler", "Replier", "echo_handler"]
+__all__ = ["Connection", "Dispatcher", "Handler", "Replier", "echo_handler"]
 
 log = logging.getLogger("bettensor_ws.dispatch")
 
@@ -21,12 +21,41 @@ INTERNAL_ERROR = "Internal server error"
 
 
 class Replier(Protocol):
-    """What a handler's ``websocket`` argument offers: the seed's ``send_json``."""
+    """The least a handler's ``websocket`` argument offers: the seed's ``send_json``."""
 
     async def send_json(self, obj: Any) -> None: ...
 
 
-Handler = Callable[[Any, WebSocketMessage], Awaitable[Any]]
+@runtime_checkable
+class Connection(Protocol):
+    """What a handler receives as ``websocket``: the authenticated peer and a way to answer.
+
+    The live link and :class:`bettensor_ws.testing.MockWebSocket` both are
+    one. It hands out no signing key: replies are signed by the link.
+    """
+
+    @property
+    def hotkey(self) -> str:
+        """The peer's ss58 hotkey, proved in the handshake."""
+        ...
+
+    async def send_json(self, obj: Any) -> None:
+        """Sign and queue a reply: a seed-style flat dict, an envelope, or a message."""
+        ...
+
+    async def send_message(self, message: WebSocketMessage) -> None:
+        """Sign and queue ``message``."""
+        ...
+
+    def close(self, code: int = 1000, reason: str = "") -> None:
+        """Ask the link to close; the first request wins."""
+        ...
+
+
+M = TypeVar("M", bound=WebSocketMessage)
+
+Handler = Callable[[Connection, Any], Awaitable[object]]
+"""``async def handler(websocket, message)``; the message is of the registered type."""
 
 
 class Dispatcher:
@@ -35,8 +64,15 @@ class Dispatcher:
     def __init__(self) -> None:
         self._handlers: dict[str, Handler] = {}
 
-    def register_handler(self, message_type: str, handler: Handler) -> None:
-        """Handle ``message_type`` with ``handler``, replacing any earlier one."""
+    def register_handler(
+        self, message_type: str, handler: Callable[[Connection, M], Awaitable[object]]
+    ) -> None:
+        """Handle ``message_type`` with ``handler``, replacing any earlier one.
+
+        The handler may annotate its message as the class registered for that
+        type (``PredictionMessage`` for ``"prediction"``): only such messages
+        reach it.
+        """
         if not callable(handler):
             raise TypeError("handler must be an async callable (websocket, message)")
         self._handlers[message_type] = handler
@@ -50,7 +86,7 @@ class Dispatcher:
         """A read-only view of what is registered."""
         return MappingProxyType(self._handlers)
 
-    async def dispatch(self, websocket: Replier, message: WebSocketMessage) -> bool:
+    async def dispatch(self, websocket: Any, message: WebSocketMessage) -> bool:
         """Run the handler for ``message``; True when one ran and returned normally.
 
         No handler: the sender is told which type went unhandled. A handler

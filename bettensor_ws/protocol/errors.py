@@ -1,6 +1,10 @@
-"""Exceptions raised by the sans-IO core."""
+"""Exceptions raised by the protocol layer; each refusal carries its typed value."""
 
 from __future__ import annotations
+
+from .refusals import Refusal
+
+__all__ = ["AuthError", "DecodeError", "HandshakeRefused", "MessageTypeConflict"]
 
 
 class DecodeError(ValueError):
@@ -8,11 +12,28 @@ class DecodeError(ValueError):
 
 
 class AuthError(ValueError):
-    """An auth frame was refused; ``reason`` is the text sent back to the peer."""
+    """An auth frame was refused: ``refusal`` is the decision, ``reason`` its wire text."""
 
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
+    def __init__(self, refusal: Refusal) -> None:
+        super().__init__(refusal.text())
+        self.refusal = refusal
+        self.reason = refusal.text()
+
+
+class HandshakeRefused(Exception):
+    """The validator refused us, or proved not to be who we expected.
+
+    ``refusal`` is the decision as a value; ``retry_after`` the seconds the
+    validator asked us to wait, if it said so.
+    """
+
+    def __init__(self, message: str, refusal: Refusal) -> None:
+        super().__init__(message)
+        self.refusal = refusal
+
+    @property
+    def retry_after(self) -> float | None:
+        return self.refusal.retry_after
 
 
 class MessageTypeConflict(TypeError):

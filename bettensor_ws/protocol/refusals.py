@@ -154,16 +154,21 @@ class Refusal:
         return cls(RefusalKind.FLOOD_COOLDOWN, str(math.ceil(seconds_left)), float(math.ceil(seconds_left)))
 
 
+def _close_reason(reason: object) -> str:
+    return bounded(reason, MAX_CLOSE_REASON)
+
+
 @attrs.frozen
 class LinkClose:
     """The decision to end a link: the close code, the reason sent, and why."""
 
-    code: CloseCode
-    reason: str = attrs.field(default="", converter=lambda r: bounded(r, MAX_CLOSE_REASON))
+    code: int
+    """A :class:`CloseCode`, or another code an application or peer chose."""
+    reason: str = attrs.field(default="", converter=_close_reason)
     kind: RefusalKind | None = None
 
     @classmethod
-    def refused(cls, code: CloseCode, refusal: Refusal) -> LinkClose:
+    def refused(cls, code: int, refusal: Refusal) -> LinkClose:
         return cls(code, refusal.text(), refusal.kind)
 
 

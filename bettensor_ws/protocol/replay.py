@@ -6,7 +6,9 @@ import heapq
 import time
 from datetime import UTC, datetime
 
-__all__ = ["ReplayGuard", "parse_timestamp"]
+from .refusals import Refusal, RefusalKind
+
+__all__ = ["ReplayGuard", "parse_timestamp", "window_refusal"]
 
 
 def parse_timestamp(value: str) -> float:
@@ -15,6 +17,15 @@ def parse_timestamp(value: str) -> float:
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=UTC)
     return parsed.timestamp()
+
+
+def window_refusal(sent_at: float, now: float, window: float) -> Refusal | None:
+    """Why a timestamp ``sent_at`` is not within ``window`` seconds of ``now``, if it is not."""
+    if sent_at < now - window:
+        return Refusal(RefusalKind.STALE_TIMESTAMP, f"{now - sent_at:.0f}s old")
+    if sent_at > now + window:
+        return Refusal(RefusalKind.FUTURE_TIMESTAMP, f"{sent_at - now:.0f}s ahead")
+    return None
 
 
 class ReplayGuard:
@@ -36,23 +47,22 @@ class ReplayGuard:
     def __len__(self) -> int:
         return len(self._seen)
 
-    def check(self, sender: str, nonce: str, timestamp: str, *, now: float | None = None) -> str | None:
-        """Record the pair and return None if acceptable, else the reason it is not."""
+    def check(self, sender: str, nonce: str, timestamp: str, *, now: float | None = None) -> Refusal | None:
+        """Record the pair and return None if acceptable, else why it is not."""
         now = time.time() if now is None else now
         try:
             sent_at = parse_timestamp(timestamp)
         except (ValueError, TypeError, OverflowError):
-            return "malformed timestamp"
-        if sent_at < now - self.window:
-            return f"stale timestamp ({now - sent_at:.0f}s old)"
-        if sent_at > now + self.window:
-            return f"future timestamp ({sent_at - now:.0f}s ahead)"
+            return Refusal(RefusalKind.MALFORMED_TIMESTAMP)
+        refusal = window_refusal(sent_at, now, self.window)
+        if refusal is not None:
+            return refusal
         self.prune(now)
         key = (sender, nonce)
         if key in self._seen:
-            return "replayed nonce"
+            return Refusal(RefusalKind.REPLAYED_NONCE)
         if len(self._seen) >= self.max_entries:
-            return "replay guard full"
+            return Refusal(RefusalKind.REPLAY_GUARD_FULL)
         expires = sent_at + self.window
         self._seen[key] = expires
         heapq.heappush(self._expiry, (expires, sender, nonce))

@@ -10,22 +10,13 @@ from __future__ import annotations
 
 import copy
 import json
-import time
-from collections.abc import Callable, Iterable
 from functools import lru_cache
 from typing import Any, Protocol
 
-import attrs
-
-from .errors import AuthError
 from .messages import WebSocketMessage, new_nonce, now_iso
-from .replay import ReplayGuard, parse_timestamp
 
 __all__ = [
-    "AuthInfo",
     "Signer",
-    "build_auth",
-    "check_auth",
     "sign",
     "sign_dict",
     "signed_text",
@@ -33,11 +24,6 @@ __all__ = [
     "verify_dict",
 ]
 
-REASON_MALFORMED = "malformed auth frame"
-REASON_BAD_SIGNATURE = "bad signature"
-REASON_NOT_REGISTERED = "hotkey not registered"
-REASON_AUTH_TIMEOUT = "auth timeout"
-AUTH_KEYS = ("hotkey", "timestamp", "nonce", "signature")
 
 
 class Signer(Protocol):
@@ -109,70 +95,3 @@ def verify_dict(frame: dict[str, Any], address_key: str = "sender") -> bool:
     """Verify a plain dict signed over all its keys but ``signature``."""
     unsigned = {k: v for k, v in frame.items() if k != "signature"}
     return _check(frame.get(address_key), signed_text(unsigned), frame.get("signature", ""))  # type: ignore[arg-type]
-
-
-@attrs.frozen
-class AuthInfo:
-    """What an accepted auth frame established."""
-
-    hotkey: str
-    nonce: str
-    timestamp: str
-    features: frozenset[str] = frozenset()
-
-
-def build_auth(
-    keypair: Signer,
-    *,
-    features: Iterable[str] | None = None,
-    timestamp: str | None = None,
-    nonce: str | None = None,
-) -> dict[str, Any]:
-    """A client's first frame. ``features`` is added as a key the signature covers."""
-    frame: dict[str, Any] = {
-        "hotkey": keypair.ss58_address,
-        "timestamp": timestamp or now_iso(),
-        "nonce": nonce or new_nonce(),
-    }
-    if features:
-        frame["features"] = sorted(features)
-    return sign_dict(frame, keypair)
-
-
-def check_auth(
-    frame: Any,
-    *,
-    guard: ReplayGuard | None = None,
-    window: float = 300.0,
-    now: float | None = None,
-    allowed: Callable[[str], bool] | None = None,
-) -> AuthInfo:
-    """Accept an auth frame or raise AuthError with the reason to send back.
-
-    Order: shape, timestamp, signature, registration, then the nonce, so a
-    forged frame never spends a slot in the replay guard.
-    """
-    if not isinstance(frame, dict) or any(not isinstance(frame.get(k), str) for k in AUTH_KEYS):
-        raise AuthError(f"{REASON_MALFORMED}: needs string fields {', '.join(AUTH_KEYS)}")
-    now = time.time() if now is None else now
-    try:
-        sent_at = parse_timestamp(frame["timestamp"])
-    except (ValueError, OverflowError):
-        raise AuthError(f"{REASON_MALFORMED}: timestamp is not ISO-8601") from None
-    limit = guard.window if guard is not None else window
-    if sent_at < now - limit:
-        raise AuthError(f"stale timestamp ({now - sent_at:.0f}s old)")
-    if sent_at > now + limit:
-        raise AuthError(f"future timestamp ({sent_at - now:.0f}s ahead)")
-    if not verify_dict(frame, "hotkey"):
-        raise AuthError(REASON_BAD_SIGNATURE)
-    hotkey = frame["hotkey"]
-    if allowed is not None and not allowed(hotkey):
-        raise AuthError(REASON_NOT_REGISTERED)
-    if guard is not None:
-        reason = guard.check(hotkey, "auth:" + frame["nonce"], frame["timestamp"], now=now)
-        if reason is not None:
-            raise AuthError(reason)
-    raw = frame.get("features")
-    features = frozenset(f for f in raw if isinstance(f, str)) if isinstance(raw, list) else frozenset()
-    return AuthInfo(hotkey, frame["nonce"], frame["timestamp"], features)

@@ -1,4 +1,9 @@
-"""Counters a manager exposes through ``stats()``; plain data, no I/O."""
+"""Counters a manager exposes through ``stats()``; plain data, no I/O.
+
+Every key is bounded: refusals count by :class:`~.refusals.RefusalKind` (a
+fixed set), frames by message type (only types that decoded, i.e. registered
+classes), never by text a peer chose.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +11,13 @@ import time
 from collections import Counter
 from typing import Any
 
+from .refusals import RefusalKind
+
 __all__ = ["Stats"]
 
 
 class Stats:
-    """Frames in and out per type, rejections per reason, connection counts."""
+    """Frames in and out per type, refusals per kind, connection counts."""
 
     def __init__(self) -> None:
         self.started = time.monotonic()
@@ -21,9 +28,8 @@ class Stats:
         self.reconnects = 0
         self.dropped_broadcasts = 0
 
-    def reject(self, reason: str) -> None:
-        # Reasons can carry details after a colon or parenthesis; count by kind.
-        self.rejections[reason.split(":")[0].split(" (")[0]] += 1
+    def reject(self, kind: RefusalKind) -> None:
+        self.rejections[kind.key] += 1
 
     def snapshot(self, connections: int) -> dict[str, Any]:
         return {

@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Self
 from urllib.parse import urlsplit
 
 from bittensor_wallet import Keypair
@@ -306,7 +306,7 @@ class RefValidator:
     def connected(self) -> set[str]:
         return set(self.conns.values())
 
-    async def __aenter__(self) -> RefValidator:
+    async def __aenter__(self) -> Self:
         self.server = await serve(
             self._handler, "127.0.0.1", self.port, process_request=self._process_request
         )

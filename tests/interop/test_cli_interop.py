@@ -113,8 +113,11 @@ def wait_for_same_utc_day(margin: float = 5.0) -> None:
         time.sleep(left + 0.5)
 
 
-def prediction(game_id: str = "up-plain", **fields: Any) -> dict[str, Any]:
-    """A full TeamGamePrediction-style prediction, valid unless ``fields`` say otherwise."""
+def prediction(game_id: object = "up-plain", **fields: Any) -> dict[str, Any]:
+    """A full TeamGamePrediction-style prediction, valid unless ``game_id`` or ``fields`` say otherwise.
+
+    Any value goes, malformed ones included; ``_DROP`` leaves that key out.
+    """
     g = next((x for x in [*UPCOMING, STARTED] if x["game_id"] == game_id), UPCOMING[1])
     data: dict[str, Any] = {
         "prediction_id": f"pred-{time.time_ns()}-{next(_identities)}",

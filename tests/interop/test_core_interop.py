@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import bettensor_ws
+import bettensor_ws.protocol.signing
 from bettensor_ws import (
     AuthError,
     ConfirmationMessage,

@@ -35,6 +35,7 @@ from bittensor_wallet import Keypair
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from bettensor_ws import ValidatorWebSocketManager
+from bettensor_ws.protocol.auth import build_auth
 from bettensor_ws.protocol.codec import decode, encode
 from bettensor_ws.protocol.messages import (
     ConfirmationMessage,
@@ -43,7 +44,7 @@ from bettensor_ws.protocol.messages import (
     WebSocketMessage,
     WelcomeMessage,
 )
-from bettensor_ws.protocol.signing import build_auth, sign, sign_dict
+from bettensor_ws.protocol.signing import sign, sign_dict
 from tests.helpers import count_tasks
 
 STEP = 10.0  # generous bound on any single exchange over loopback
@@ -65,7 +66,7 @@ class Handler:
         self.calls = 0
         self.ids: list[str] = []
 
-    async def __call__(self, websocket: Any, message: PredictionMessage) -> None:
+    async def __call__(self, websocket: Any, message: WebSocketMessage) -> None:
         self.calls += 1
         pid = str(message.data.get("prediction_id"))
         self.ids.append(pid)
@@ -138,6 +139,7 @@ async def expect_close(ws: WebSocketConnection) -> tuple[int, str | None, list[s
             while True:
                 got.append(await ws.get_message())
         except ConnectionClosed as closed:
+            assert closed.reason is not None
             return closed.reason.code, closed.reason.reason, got
 
 
@@ -758,7 +760,7 @@ async def test_flood_at_default_rate_is_closed(
 ATTACKER = r"""
 import os, sys, trio, orjson, trio_websocket
 from bittensor_wallet import Keypair
-from bettensor_ws.protocol.signing import build_auth
+from bettensor_ws.protocol.auth import build_auth
 
 port, slowloris, parts = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3].split(",")
 flood_rate, garbage_rate = float(sys.argv[4]), float(sys.argv[5])

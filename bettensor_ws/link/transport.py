@@ -1,0 +1,76 @@
+"""What the shell needs of trio-websocket beyond sending and receiving:
+holding its I/O task through cancellation, closing politely, and keeping
+exception groups from reaching the caller."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import trio
+from trio_websocket import WebSocketConnection
+
+__all__ = ["close_quietly", "first_leaf", "hold_transport", "plain_errors"]
+
+log = logging.getLogger("bettensor_ws.connection")
+
+
+def first_leaf(exc: BaseException) -> BaseException:
+    """The first exception that is not a group: nurseries nest groups in groups."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _sole_leaf(exc: BaseException) -> BaseException | None:
+    while isinstance(exc, BaseExceptionGroup):
+        if len(exc.exceptions) != 1:
+            return None
+        exc = exc.exceptions[0]
+    return exc
+
+
+@contextmanager
+def plain_errors() -> Iterator[None]:
+    """Let a lone error out of nested nurseries reach the caller as itself.
+
+    A port in use should be an ``OSError`` to whoever called ``serve()``,
+    not an exception group; a group of several errors stays a group.
+    """
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        leaf = _sole_leaf(group)
+        if isinstance(leaf, Exception):
+            raise leaf from None
+        raise
+
+
+async def hold_transport(
+    open_ws: Callable[[trio.Nursery], Awaitable[Any]],
+    *,
+    task_status: trio.TaskStatus[tuple[Any, trio.CancelScope]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Keep a WebSocket's own I/O task alive through cancellation until told to stop.
+
+    trio-websocket runs a reader task per connection and sends no close frame
+    when cancelled. Opening happens unshielded (so shutdown is prompt), then
+    the scope is shielded: the caller can still say goodbye with a close frame
+    and hear the answer, and cancels the returned scope when done.
+    """
+    async with trio.open_nursery() as nursery:
+        ws = await open_ws(nursery)
+        nursery.cancel_scope.shield = True
+        task_status.started((ws, nursery.cancel_scope))
+        await trio.sleep_forever()
+
+
+async def close_quietly(ws: WebSocketConnection, code: int, reason: str, deadline: float) -> None:
+    """Send a close frame and wait briefly for the answer, even while being cancelled."""
+    with trio.CancelScope(shield=True), trio.move_on_after(deadline):
+        try:
+            await ws.aclose(code, reason[:120] or None)
+        except Exception:  # the stream may already be broken; closing is best effort
+            log.debug("close of %s failed", ws, exc_info=True)

@@ -231,8 +231,10 @@ class LinkProtocol:
             return Answer(message, self.sign(HeartbeatAckMessage(sender="", data={})))
         if message.type in SILENT_TYPES:
             return Ignore(message)
+        # answered on both sides, as the dispatch table always has (the reference does too)
         refusal = Refusal(RefusalKind.NO_HANDLER, bounded(repr(message.type)))
-        return Refuse(refusal, message.nonce, self._reply(refusal, message.nonce))
+        nonce = bounded(message.nonce)
+        return Refuse(refusal, nonce, self._reply(refusal, nonce))
 
     def _refuse(self, refusal: Refusal, nonce: object = None) -> Refuse:
         """Only the validator answers refused frames: two peers must not ping-pong errors."""

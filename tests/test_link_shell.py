@@ -40,7 +40,8 @@ async def test_a_writer_blocked_for_send_timeout_is_a_slow_consumer(
         start = trio.current_time()
         for n in range(4):  # the client reads one into its queue of 1, then stops reading
             assert await validator.send_to(bob.ss58_address, game_update(n))
-        await conn.closed.wait()
+        with trio.fail_after(60):  # mock time: fails at once instead of hanging
+            await conn.closed.wait()
         assert trio.current_time() - start == pytest.approx(10.0)
         assert (conn.close_code, conn.close_reason) == (1008, "slow consumer")
         assert validator.stats()["rejections"] == {"slow consumer": 1}
@@ -102,12 +103,14 @@ async def test_connect_hooks_run_concurrently_and_end_with_the_link(
     validator.on_connect(second)
     async with raw_client(validator) as ws:
         await authenticate(ws, bob)
-        await wait_for(lambda: "second ran" in events)
+        with trio.fail_after(60):  # mock time: fails at once instead of hanging
+            await wait_for(lambda: "second ran" in events)
         conn = validator.connection(bob.ss58_address)
         assert conn is not None
         conn.close(1000, "done")
-        await conn.closed.wait()
-        await wait_for(lambda: "forever cancelled" in events)
+        with trio.fail_after(60):
+            await conn.closed.wait()
+            await wait_for(lambda: "forever cancelled" in events)
     # start order is the scheduler's; the long hook is cancelled only when the link ends
     assert sorted(events[:2]) == ["forever started", "second ran"]
     assert events[2:] == ["forever cancelled"]

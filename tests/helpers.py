@@ -44,3 +44,17 @@ def make_game(
         "tie_odds": 3.2 if can_tie else None,
         "can_tie": can_tie,
     }
+
+
+def prediction_data(prediction_id: str = "p1") -> dict[str, Any]:
+    """A small prediction payload that decodes (the runtime and protocol tests share it)."""
+    return {
+        "prediction_id": prediction_id,
+        "game_id": "g1",
+        "miner_uid": 7,
+        "predicted_outcome": "Home",
+        "predicted_odds": 1.8,
+        "team_a": "A",
+        "team_b": "B",
+        "wager": 10.0,
+    }

@@ -33,26 +33,18 @@ async def refuse_one(miner: MinerNode, validator: str, text: str) -> dict[str, i
     return await miner_counts(miner)
 
 
-@pytest.mark.parametrize("text", TRANSIENT_TEXTS)
-async def test_a_transient_refusal_leaves_the_prediction_pending(
-    alice: Keypair, bob: Keypair, tmp_path: Path, text: str
+@pytest.mark.parametrize(
+    ("text", "settled"),
+    [(t, {"pending": 1, "confirmed": 0, "rejected": 0}) for t in TRANSIENT_TEXTS]
+    + [(t, {"pending": 0, "confirmed": 0, "rejected": 1}) for t in FINAL_TEXTS],
+)
+async def test_a_refusal_settles_the_prediction_by_its_kind(
+    alice: Keypair, bob: Keypair, tmp_path: Path, text: str, settled: dict[str, int]
 ) -> None:
+    """Transient: still pending, sent again later. Final: rejected with the reason."""
     miner = MinerNode(bob, [(alice.ss58_address, "ws://127.0.0.1:1/ws")], tmp_path / "m.db")
     try:
-        counts = await refuse_one(miner, alice.ss58_address, text)
-        assert counts == {"pending": 1, "confirmed": 0, "rejected": 0}
-    finally:
-        miner.close()
-
-
-@pytest.mark.parametrize("text", FINAL_TEXTS)
-async def test_a_final_refusal_rejects_the_prediction(
-    alice: Keypair, bob: Keypair, tmp_path: Path, text: str
-) -> None:
-    miner = MinerNode(bob, [(alice.ss58_address, "ws://127.0.0.1:1/ws")], tmp_path / "m.db")
-    try:
-        counts = await refuse_one(miner, alice.ss58_address, text)
-        assert counts == {"pending": 0, "confirmed": 0, "rejected": 1}
+        assert await refuse_one(miner, alice.ss58_address, text) == settled
     finally:
         miner.close()
 

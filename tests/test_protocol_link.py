@@ -52,6 +52,7 @@ from bettensor_ws.protocol.refusals import (
 from bettensor_ws.protocol.replay import ReplayGuard, parse_timestamp
 from bettensor_ws.protocol.signing import sign, verify
 from bettensor_ws.protocol.stats import Stats
+from tests.helpers import prediction_data
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -108,16 +109,7 @@ def pair(role: Role) -> tuple[LinkProtocol, LinkProtocol]:
 def prediction(prediction_id: str = "p1") -> PredictionMessage:
     return PredictionMessage(
         sender="",
-        data={
-            "prediction_id": prediction_id,
-            "game_id": "g1",
-            "miner_uid": 7,
-            "predicted_outcome": "Home",
-            "predicted_odds": 1.8,
-            "team_a": "A",
-            "team_b": "B",
-            "wager": 10.0,
-        },
+        data=prediction_data(prediction_id),
     )
 
 

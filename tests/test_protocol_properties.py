@@ -51,6 +51,7 @@ from bettensor_ws.protocol.ratelimit import TokenBucket
 from bettensor_ws.protocol.refusals import LinkClose, RefusalKind
 from bettensor_ws.protocol.replay import ReplayGuard, parse_timestamp
 from bettensor_ws.protocol.stats import Stats
+from tests.helpers import prediction_data
 
 VALIDATOR_KEY = Keypair.create_from_uri("//Alice")
 MINER_KEY = Keypair.create_from_uri("//Bob")
@@ -93,16 +94,7 @@ def iso(wall: float) -> str:
 def prediction(n: int) -> PredictionMessage:
     return PredictionMessage(
         sender="",
-        data={
-            "prediction_id": f"p{n}",
-            "game_id": "g1",
-            "miner_uid": 7,
-            "predicted_outcome": "Home",
-            "predicted_odds": 1.8,
-            "team_a": "A",
-            "team_b": "B",
-            "wager": 10.0,
-        },
+        data=prediction_data(f"p{n}"),
     )
 
 

@@ -52,7 +52,7 @@ from bettensor_ws import (
 from bettensor_ws.link.outbound import Frame, OutboundQueue
 from bettensor_ws.protocol.backoff import Backoff
 from bettensor_ws.protocol.signing import sign_dict
-from tests.helpers import count_tasks
+from tests.helpers import count_tasks, prediction_data
 
 Keypair = Any  # bittensor_wallet.Keypair (fixtures alice, bob, charlie)
 
@@ -114,16 +114,7 @@ def signed(message: WebSocketMessage, keypair: Keypair) -> str:
 def prediction(keypair: Keypair, prediction_id: str = "p1") -> PredictionMessage:
     return PredictionMessage(
         sender=keypair.ss58_address,
-        data={
-            "prediction_id": prediction_id,
-            "game_id": "g1",
-            "miner_uid": 7,
-            "predicted_outcome": "Home",
-            "predicted_odds": 1.8,
-            "team_a": "A",
-            "team_b": "B",
-            "wager": 10.0,
-        },
+        data=prediction_data(prediction_id),
     )
 
 

@@ -306,6 +306,11 @@ def _games_case(content: str | bytes | None) -> Any:
 
 
 BAD_INPUT: dict[str, tuple[Any, tuple[str, ...]]] = {
+    # settings out of range are refused by ConnectionSettings before anything starts
+    "negative rate limit": (lambda tmp: _validator_args(tmp, "--rate-limit", "-5"), ("--rate-limit",)),
+    "zero rate burst": (lambda tmp: _validator_args(tmp, "--rate-burst", "0"), ("--rate-burst",)),
+    "zero message size": (lambda tmp: _validator_args(tmp, "--max-message-size", "0"), ("--max-message-size",)),
+    "zero heartbeat": (lambda tmp: _validator_args(tmp, "--heartbeat-interval", "0"), ("--heartbeat-interval",)),
     "games file missing": (_games_case(None), ("games.json",)),
     "games file not JSON": (_games_case("[{not json"), ("games.json", "JSON")),
     "games file not UTF-8": (_games_case(b"\xff\xfe[]"), ("games.json",)),

@@ -223,6 +223,9 @@ async def _run_feed(node: Any, feed: Any, interval: float) -> None:
 def _open_store(factory: Any, path: str) -> Any:
     try:
         return factory()
+    except ValueError as exc:  # a setting out of range, refused by ConnectionSettings
+        name, _, rest = str(exc).partition(" ")
+        raise UsageError(f"--{name.replace('_', '-')} {rest}") from None
     except (sqlite3.Error, RuntimeError, OSError) as exc:
         raise UsageError(f"cannot open database {path}: {exc}") from None
 

@@ -11,12 +11,12 @@ import trio
 from trio_websocket import WebSocketConnection
 
 from ..protocol.dispatch import Connection, Dispatcher, Handler
-from ..protocol.link import ConnectionSettings, LinkProtocol, Role
+from ..protocol.link import ConnectionSettings, Frame, LinkProtocol, Role
 from ..protocol.messages import WebSocketMessage
 from ..protocol.refusals import INTERNAL
 from ..protocol.replay import ReplayGuard
 from ..protocol.replies import to_message
-from ..protocol.signing import Signer
+from ..protocol.signing import Signer, sign
 from ..protocol.stats import Stats
 from .connection import LinkClosed, LinkConnection
 
@@ -87,6 +87,10 @@ class Manager:
 
     def stats(self) -> dict[str, Any]:
         return self._stats.snapshot(len(self._connections))
+
+    def _signed_frame(self, message: WebSocketMessage | dict[str, Any]) -> Frame:
+        """``message`` signed with this side's key and encoded once, for any number of links."""
+        return Frame.of(sign(to_message(message, self.hotkey), self.keypair))
 
     async def send_to(self, hotkey: str, message: WebSocketMessage | dict[str, Any]) -> bool:
         """Sign and queue ``message`` for the peer ``hotkey``; False when it is not connected."""

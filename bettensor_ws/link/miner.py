@@ -19,13 +19,11 @@ from trio_websocket import (
 
 from ..protocol.auth import build_auth, check_answer
 from ..protocol.backoff import Backoff
-from ..protocol.codec import encode
 from ..protocol.errors import HandshakeRefused
-from ..protocol.link import ConnectionSettings, Frame, Role
+from ..protocol.link import ConnectionSettings, Role
 from ..protocol.messages import WebSocketMessage
 from ..protocol.refusals import GOING_AWAY, CloseCode, RefusalKind, bounded
-from ..protocol.replies import to_message
-from ..protocol.signing import Signer, sign
+from ..protocol.signing import Signer
 from .connection import LinkClosed, LinkConnection
 from .manager import Manager, settings_from
 from .transport import close_quietly, first_leaf, hold_transport, plain_errors
@@ -115,8 +113,7 @@ class MinerWebSocketManager(Manager):
     ) -> list[str]:
         """Sign once and queue for every connected validator (or only ``validator_hotkey``);
         returns who got it. :meth:`send_to` is the one-peer form, as on the validator."""
-        signed = sign(to_message(message, self.hotkey), self.keypair)
-        frame = Frame(signed.type, encode(signed))
+        frame = self._signed_frame(message)
         targets = (
             list(self._connections.items())
             if validator_hotkey is None

@@ -12,6 +12,8 @@ from typing import Any
 import trio
 from trio_websocket import WebSocketConnection
 
+from ..protocol.refusals import MAX_CLOSE_REASON
+
 __all__ = ["close_quietly", "first_leaf", "hold_transport", "plain_errors"]
 
 log = logging.getLogger("bettensor_ws.connection")
@@ -71,6 +73,6 @@ async def close_quietly(ws: WebSocketConnection, code: int, reason: str, deadlin
     """Send a close frame and wait briefly for the answer, even while being cancelled."""
     with trio.CancelScope(shield=True), trio.move_on_after(deadline):
         try:
-            await ws.aclose(code, reason[:120] or None)
+            await ws.aclose(code, reason[:MAX_CLOSE_REASON] or None)
         except Exception:  # the stream may already be broken; closing is best effort
             log.debug("close of %s failed", ws, exc_info=True)

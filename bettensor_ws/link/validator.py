@@ -14,10 +14,10 @@ import orjson
 import trio
 from trio_websocket import ConnectionClosed, WebSocketRequest, wrap_server_stream
 
-from ..protocol.auth import check_auth, cooldown_refusal, refusal_frame
-from ..protocol.codec import encode, loads_checked
+from ..protocol.auth import check_auth, cooldown_left, refusal_frame
+from ..protocol.codec import loads_checked
 from ..protocol.errors import AuthError, DecodeError
-from ..protocol.link import ConnectionSettings, Frame, Role
+from ..protocol.link import ConnectionSettings, Role
 from ..protocol.messages import GameUpdateMessage, WebSocketMessage, WelcomeMessage, now_iso
 from ..protocol.payloads import TeamGame, converter
 from ..protocol.ratelimit import FloodCooldown
@@ -31,8 +31,7 @@ from ..protocol.refusals import (
     Refusal,
     RefusalKind,
 )
-from ..protocol.replies import to_message
-from ..protocol.signing import Signer, sign
+from ..protocol.signing import Signer
 from .connection import LinkConnection
 from .manager import Manager, settings_from
 from .transport import close_quietly, hold_transport, plain_errors
@@ -131,10 +130,6 @@ class ValidatorWebSocketManager(Manager):
         return list(self._connections)
 
     # ---- sending ---------------------------------------------------------------------------
-
-    def _signed_frame(self, message: WebSocketMessage | dict[str, Any]) -> Frame:
-        signed = sign(to_message(message, self.hotkey), self.keypair)
-        return Frame(signed.type, encode(signed))
 
     async def broadcast(self, message: WebSocketMessage | dict[str, Any]) -> int:
         """Send to every authenticated miner; signed and encoded once, never waits on one."""
@@ -279,13 +274,13 @@ class ValidatorWebSocketManager(Manager):
         refusal grants nothing, and holding costs no more than a peer that sends
         no auth frame at all.
         """
-        cooling = cooldown_refusal(frame, self._cooldown, trio.current_time())
-        if cooling is None:
+        left = cooldown_left(frame, self._cooldown, trio.current_time())
+        if left is None:
             return
-        await trio.sleep_until(min(hold_until, trio.current_time() + cooling[1]))
-        cooling = cooldown_refusal(frame, self._cooldown, trio.current_time())
-        if cooling is not None:
-            raise AuthError(Refusal.cooldown(cooling[1]))
+        await trio.sleep_until(min(hold_until, trio.current_time() + left))
+        left = cooldown_left(frame, self._cooldown, trio.current_time())
+        if left is not None:
+            raise AuthError(Refusal.cooldown(left))
 
     async def _run_connection(self, conn: LinkConnection) -> None:
         # The Welcome is queued before the connection is listed, so no broadcast

@@ -17,7 +17,6 @@ import trio
 from ..link.connection import BATCH, LinkClosed, LinkConnection
 from ..link.miner import MinerWebSocketManager
 from ..link.outbound import Frame
-from ..protocol.codec import encode
 from ..protocol.dispatch import INTERNAL_ERROR, Connection
 from ..protocol.messages import (
     ConfirmationMessage,
@@ -293,7 +292,7 @@ class MinerNode(MinerWebSocketManager):
         signed = sign(PredictionMessage(sender=self.hotkey, data=data), self.keypair)
         outbox.by_nonce[signed.nonce] = (now, pids)
         try:
-            await connection.send_frame(Frame(signed.type, encode(signed)))
+            await connection.send_frame(Frame.of(signed))
         except LinkClosed:
             return
 

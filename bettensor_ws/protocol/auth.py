@@ -27,8 +27,8 @@ __all__ = [
     "AuthInfo",
     "build_auth",
     "check_auth",
-    "cooldown_refusal",
     "check_answer",
+    "cooldown_left",
     "refusal_frame",
 ]
 
@@ -100,8 +100,8 @@ def check_auth(
     return AuthInfo(hotkey, frame["nonce"], frame["timestamp"], features)
 
 
-def cooldown_refusal(frame: Any, cooldown: FloodCooldown, now: float) -> tuple[str, float] | None:
-    """The hotkey an auth frame names and its cooldown left, if it is still cooling down.
+def cooldown_left(frame: Any, cooldown: FloodCooldown, now: float) -> float | None:
+    """Seconds of cooldown left for the hotkey an auth frame names, if it is cooling down.
 
     Read before the signature is checked: a refusal grants nothing, so the
     claim need not be proved, and a flooder costs no sr25519 verify.
@@ -109,8 +109,7 @@ def cooldown_refusal(frame: Any, cooldown: FloodCooldown, now: float) -> tuple[s
     hotkey = frame.get("hotkey") if isinstance(frame, dict) else None
     if not isinstance(hotkey, str):
         return None
-    left = cooldown.remaining(hotkey, now)
-    return None if left is None else (hotkey, left)
+    return cooldown.remaining(hotkey, now)
 
 
 def refusal_frame(refusal: Refusal) -> str:

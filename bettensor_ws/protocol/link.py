@@ -104,6 +104,11 @@ class Frame:
     type: str
     text: str
 
+    @classmethod
+    def of(cls, signed: WebSocketMessage) -> Frame:
+        """A signed message, encoded once for the wire."""
+        return cls(signed.type, encode(signed))
+
 
 @attrs.frozen
 class Deliver:
@@ -252,8 +257,7 @@ class LinkProtocol:
 
     def sign(self, message: WebSocketMessage) -> Frame:
         """``message`` signed with this side's key and encoded for the wire."""
-        signed = sign(message, self._signer)
-        return Frame(signed.type, encode(signed))
+        return Frame.of(sign(message, self._signer))
 
     def send_started(self, now: float) -> None:
         """The writer began a write; one that blocks for ``send_timeout`` is a slow consumer."""

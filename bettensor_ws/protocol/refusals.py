@@ -88,9 +88,7 @@ class RefusalKind(enum.Enum):
         self.key = key
         self.template = template
         self.transient = transient
-        prefix, _, suffix = template.partition("{detail}")
-        self.prefix = prefix
-        self.suffix = suffix if "{detail}" in template else ""
+        self.prefix, _, self.suffix = template.partition("{detail}")
         self.has_detail = "{detail}" in template
 
 
@@ -151,7 +149,8 @@ class Refusal:
     @classmethod
     def cooldown(cls, seconds_left: float) -> Refusal:
         """A hotkey still cooling down after a flood, told when to come back."""
-        return cls(RefusalKind.FLOOD_COOLDOWN, str(math.ceil(seconds_left)), float(math.ceil(seconds_left)))
+        seconds = math.ceil(seconds_left)
+        return cls(RefusalKind.FLOOD_COOLDOWN, str(seconds), float(seconds))
 
 
 def _close_reason(reason: object) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import orjson
 import trio
 
 
@@ -58,3 +59,25 @@ def prediction_data(prediction_id: str = "p1") -> dict[str, Any]:
         "team_b": "B",
         "wager": 10.0,
     }
+
+
+SIGNED_REFUSAL_KEYS = {"sender", "timestamp", "auth_nonce", "signature"}
+
+
+def bare_refusal(answer: str | bytes | dict[str, Any], validator: str | None = None) -> dict[str, Any]:
+    """The reference's two keys of a handshake refusal.
+
+    Our validator adds ``sender``, ``timestamp``, ``auth_nonce`` (when the auth
+    frame had one) and a ``signature`` over them all; checked here, then set
+    aside, so a test compares what a reference miner reads.
+    """
+    from bettensor_ws.protocol.signing import verify_dict
+
+    frame = answer if isinstance(answer, dict) else orjson.loads(answer)
+    extra = set(frame) - {"status", "message"}
+    if extra:
+        assert extra <= SIGNED_REFUSAL_KEYS and {"sender", "signature"} <= extra, frame
+        assert verify_dict(frame, "sender"), frame
+        if validator is not None:
+            assert frame["sender"] == validator
+    return {k: frame[k] for k in ("status", "message") if k in frame}

@@ -34,6 +34,7 @@ from bettensor_ws import (
 from bettensor_ws.node.cli import build_parser, main
 from bettensor_ws.protocol.auth import build_auth
 from bettensor_ws.protocol.ratelimit import FloodCooldown
+from tests.helpers import bare_refusal
 from tests.test_runtime import Net, authenticate, expect_close, raw_client, wait_for
 
 Keypair = Any  # bittensor_wallet.Keypair (fixtures alice, bob, charlie)
@@ -126,7 +127,7 @@ async def test_flooder_is_refused_after_a_hold_then_admitted_when_cooled(
         code, reason = await expect_close(ws)
     left = COOLDOWN - (trio.current_time() - closed_at)
     expected = f"flood cooldown: retry in {math.ceil(left)} s"
-    assert orjson.loads(answer) == {"status": "error", "message": expected}
+    assert bare_refusal(answer, validator.hotkey) == {"status": "error", "message": expected}
     assert (code, reason) == (1008, expected)
     assert waited == pytest.approx(HOLD)
     assert expected == "flood cooldown: retry in 55 s"  # 60 s from the close, less the hold

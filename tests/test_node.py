@@ -371,7 +371,7 @@ async def test_concurrent_updates_do_not_predict_a_game_twice(
 
 
 async def test_a_game_listed_twice_is_predicted_once(miner_keys: list[Keypair], tmp_path: Path) -> None:
-    miner = MinerNode(miner_keys[3], [("V", "ws://127.0.0.1:1/ws")], tmp_path / "miner.db")
+    miner = MinerNode(miner_keys[3], [(miner_keys[0].ss58_address, "ws://127.0.0.1:1/ws")], tmp_path / "miner.db")
     games = upcoming_games(2)
     try:
         added = await miner.trigger_predictions_for_updated_games([games[0], games[1], games[0]])

@@ -119,7 +119,7 @@ async def rows(node: ValidatorNode) -> dict[str, list[tuple[Any, ...]]]:
     def read() -> dict[str, list[tuple[Any, ...]]]:
         db = node.store.db
         return {
-            table: [tuple(r) for r in db.execute(f"SELECT * FROM {table} ORDER BY prediction_id")]
+            table: [tuple(r) for r in db.execute(f"SELECT * FROM {table} ORDER BY prediction_id, miner_hotkey")]
             for table in ("predictions", "rejections")
         }
 
@@ -161,10 +161,11 @@ async def test_sending_a_sequence_twice_stores_and_answers_as_sending_it_once(
     # and every message is answered as it was the first time
     assert twice == once
 
-    # Per prediction, over both passes: a resend (same miner, same content) gets the
-    # answer of its first send; the id with other content, or from another miner,
-    # is refused as reused; only answers the rules can give appear.
-    first: dict[str, tuple[str, str, Answer]] = {}  # pid -> (miner, body, first answer)
+    # Per (miner, prediction id), over both passes: a resend (same content) gets the
+    # answer of its first send; the miner's id with other content is refused as
+    # reused; another miner's use of the same id is its own prediction. Only
+    # answers the rules can give appear.
+    first: dict[tuple[str, str], tuple[str, Answer]] = {}  # (miner, pid) -> (body, first answer)
     for send, answered in zip(sends + sends, once + twice, strict=True):
         items = prediction_items(send.data)
         assert len(answered) == len(items)
@@ -176,19 +177,19 @@ async def test_sending_a_sequence_twice_stores_and_answers_as_sending_it_once(
             if not pid:
                 continue
             body = canonical(item)
-            if pid not in first:
-                first[pid] = (hotkey, body, answer)
-            elif first[pid][:2] == (hotkey, body):
-                assert answer == first[pid][2], (pid, answer, first[pid][2])
+            key = (hotkey, pid)
+            if key not in first:
+                first[key] = (body, answer)
+            elif first[key][0] == body:
+                assert answer == first[key][1], (key, answer, first[key][1])
             else:
-                assert answer == (pid, "error", REUSED), (pid, answer)
+                assert answer == (pid, "error", REUSED), (key, answer)
 
-    # what is stored is each id's first content, accepted exactly when first answered so
-    accepted = {pid for pid, (_, _, answer) in first.items() if answer[1] == "success"}
-    stored = {row[0]: row for row in stored_once["predictions"]}
+    # what is stored is each (miner, id)'s first content, accepted exactly when first answered so
+    accepted = {key for key, (_, answer) in first.items() if answer[1] == "success"}
+    stored = {(row[1], row[0]): row for row in stored_once["predictions"]}
     assert set(stored) == accepted
-    for pid, row in stored.items():
-        hotkey, body, _ = first[pid]
-        assert (row[1], row[5]) == (hotkey, body)
-    refused = {row[0] for row in stored_once["rejections"]}
+    for key, row in stored.items():
+        assert row[5] == first[key][0]
+    refused = {(row[1], row[0]) for row in stored_once["rejections"]}
     assert refused == set(first) - accepted

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 from collections.abc import Sized
 from datetime import UTC, datetime
 from typing import Any
@@ -112,8 +113,11 @@ class Side:
     peer: LinkProtocol
     guard: ReplayGuard
     stats: Stats
-    seen: dict[str, float] = attrs.Factory(dict)
-    """The guard's model: nonce -> when it leaves the window."""
+    seen: dict[str, int] = attrs.Factory(dict)
+    """The guard's model: nonce -> the second of its timestamp."""
+    buckets: dict[int, tuple[float, float]] = attrs.Factory(dict)
+    """Per second of timestamps held: when it leaves the window, by the monotonic and
+    the wall clock (the guard forgets a second only when both say so, in that order)."""
     admitted: set[str] = attrs.Factory(set)
     """Texts this side admitted (delivered, answered or ignored)."""
     received: int = 0
@@ -183,13 +187,21 @@ class LinkPair(RuleBasedStateMachine):
             return RefusalKind.STALE_TIMESTAMP
         if sent_at > self.wall + WINDOW:
             return RefusalKind.FUTURE_TIMESTAMP
-        side.seen = {n: e for n, e in side.seen.items() if not e < self.wall}
+        for second, (mono_expiry, wall_expiry) in sorted(side.buckets.items(), key=lambda b: b[1]):
+            if not (mono_expiry <= self.now and wall_expiry <= self.wall):
+                break
+            del side.buckets[second]
+            side.seen = {n: s for n, s in side.seen.items() if s != second}
         if obj["nonce"] in side.seen:
             return RefusalKind.REPLAYED_NONCE
         if len(side.seen) >= MAX_ENTRIES:
             event("replay guard full")
             return RefusalKind.REPLAY_GUARD_FULL
-        side.seen[obj["nonce"]] = sent_at + WINDOW
+        second = math.floor(sent_at)
+        if second not in side.buckets:
+            wall_expiry = second + 1 + WINDOW
+            side.buckets[second] = (self.now + (wall_expiry - self.wall), wall_expiry)
+        side.seen[obj["nonce"]] = second
         return None
 
     def receive(self, side: Side, raw: str | bytes) -> Verdict:

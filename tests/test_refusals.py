@@ -13,7 +13,8 @@ from bettensor_ws.protocol.refusals import MAX_CLOSE_REASON, MAX_DETAIL, LinkClo
 # miner keeps a prediction pending (and resends it) exactly for these.
 TRANSIENT = {
     RefusalKind.RATE_LIMITED, RefusalKind.STALE_TIMESTAMP, RefusalKind.FUTURE_TIMESTAMP,
-    RefusalKind.REPLAYED_NONCE, RefusalKind.REPLAY_GUARD_FULL, RefusalKind.INTERNAL_ERROR,
+    RefusalKind.REPLAYED_NONCE, RefusalKind.REPLAY_GUARD_FULL, RefusalKind.REPLAY_QUOTA,
+    RefusalKind.INTERNAL_ERROR,
     RefusalKind.AUTH_TIMEOUT, RefusalKind.FLOOD_COOLDOWN, RefusalKind.CONNECT_FAILED,
     RefusalKind.FLOODING, RefusalKind.SLOW_CONSUMER, RefusalKind.CONNECTION_TIMEOUT,
 }
@@ -37,6 +38,12 @@ WIRE = {
     "flood cooldown: retry in 42 s": RefusalKind.FLOOD_COOLDOWN,
     "data.wager: expected a number, got 'abc'": RefusalKind.MALFORMED,
     "missing field 'sender'": RefusalKind.MALFORMED,
+    "replay quota exceeded (16384 frames in the window)": RefusalKind.REPLAY_QUOTA,
+    "addressed to another miner: 5F": RefusalKind.MISADDRESSED,
+    "auth frame addressed to another validator": RefusalKind.WRONG_AUDIENCE,
+    "auth frame names no audience; this validator requires one": RefusalKind.NO_AUDIENCE,
+    "welcome not made for this handshake: made for another miner": RefusalKind.WRONG_SESSION,
+    "hotkey deregistered": RefusalKind.DEREGISTERED,
 }
 
 

@@ -52,7 +52,7 @@ from bettensor_ws import (
 from bettensor_ws.link.outbound import Frame, OutboundQueue
 from bettensor_ws.protocol.backoff import Backoff
 from bettensor_ws.protocol.signing import sign_dict
-from tests.helpers import count_tasks, prediction_data
+from tests.helpers import bare_refusal, count_tasks, prediction_data
 
 Keypair = Any  # bittensor_wallet.Keypair (fixtures alice, bob, charlie)
 
@@ -206,7 +206,12 @@ async def test_welcome_is_signed_by_the_validator(alice: Keypair, bob: Keypair, 
         welcome = await authenticate(ws, bob)
         assert welcome.sender == alice.ss58_address
         assert verify(welcome)
-        assert welcome.data == {"message": "Connection established", "status": "success"}
+        assert welcome.data == {
+            "message": "Connection established",
+            "status": "success",
+            "miner_hotkey": bob.ss58_address,
+            "auth_nonce": welcome.data["auth_nonce"],
+        }
         assert validator.connected_hotkeys == [bob.ss58_address]
         conn = validator.connection(bob.ss58_address)
         assert isinstance(conn, Connection) and conn.hotkey == bob.ss58_address
@@ -219,7 +224,7 @@ async def refused(validator: ValidatorWebSocketManager, first: str | bytes) -> t
     """Send ``first`` as the auth frame; the validator's answer and its close code and reason."""
     async with raw_client(validator) as ws:
         await ws.send_message(first)
-        reply = orjson.loads(await ws.get_message())
+        reply = bare_refusal(await ws.get_message(), validator.hotkey)
         code, reason = await expect_close(ws)
     return reply, code, reason
 
@@ -333,7 +338,7 @@ async def test_auth_timeout(alice: Keypair, bob: Keypair, autojump_clock: Any) -
     validator = ValidatorWebSocketManager(alice, auth_timeout=5.0)
     async with raw_client(validator) as ws:
         start = trio.current_time()
-        reply = orjson.loads(await ws.get_message())
+        reply = bare_refusal(await ws.get_message(), alice.ss58_address)
         assert 5.0 <= trio.current_time() - start <= 5.5  # auth_timeout plus up to 10% jitter
         assert reply == {"status": "error", "message": "auth timeout"}
         assert await expect_close(ws) == (1008, "auth timeout")
@@ -396,7 +401,7 @@ async def test_refresh_metagraph_closes_deregistered(
         await authenticate(ws_charlie, charlie)
         dropped = validator.refresh_metagraph(SimpleNamespace(hotkeys=[charlie.ss58_address]))
         assert dropped == [bob.ss58_address]
-        assert await expect_close(ws_bob) == (1008, "Hotkey no longer registered")
+        assert await expect_close(ws_bob) == (1008, "hotkey deregistered")
         await wait_for(lambda: validator.connected_hotkeys == [charlie.ss58_address])
         await ws_charlie.send_message(signed(HeartbeatMessage(sender="", data={}), charlie))
         assert isinstance(await next_message(ws_charlie), HeartbeatAckMessage)
@@ -576,7 +581,12 @@ async def test_handler_error_answers_and_connection_keeps_serving(
         await ws.send_message(signed(prediction(bob, "boom"), bob))
         reply = await next_message(ws)
         assert isinstance(reply, ConfirmationMessage)
-        assert reply.data == {"status": "error", "message": "Internal server error", "prediction_id": "boom"}
+        assert reply.data == {
+            "status": "error",
+            "message": "Internal server error",
+            "prediction_id": "boom",
+            "miner_hotkey": bob.ss58_address,
+        }
         await ws.send_message(signed(prediction(bob, "fine"), bob))
         reply = await next_message(ws)
         assert isinstance(reply, ConfirmationMessage) and reply.confirmation.status == "success"
@@ -1056,7 +1066,10 @@ async def test_miner_rejects_welcome_from_wrong_hotkey_and_backs_off(
         await nursery.start(miner.run)
         await trio.sleep(120.0)
         assert miner.connected_validators == []
-        assert miner.last_error[charlie.ss58_address] == "welcome not signed by the expected validator hotkey"
+        # the auth frame names charlie: alice refuses it before any Welcome
+        assert miner.last_error[charlie.ss58_address] == (
+            "validator refused auth: auth frame addressed to another validator"
+        )
         dials = net.dials[url]
         gaps = [b - a for a, b in zip(dials, dials[1:], strict=False)]
         assert len(gaps) >= 10
@@ -1064,8 +1077,9 @@ async def test_miner_rejects_welcome_from_wrong_hotkey_and_backs_off(
             assert base - 1e-9 <= gap <= min(maximum, base * 2**n) + 1e-9, (n, gap)
         assert max(gaps) > 2.0  # it does back off
         assert miner.stats()["reconnects"] >= len(gaps) - 1
-        # the validator saw each attempt end with the miner's 1008
-        assert validator.stats()["connections_total"] == len(dials)
+        # the validator refused each attempt, as addressed to another
+        assert validator.stats()["connections_total"] == 0
+        assert validator.stats()["rejections"] == {"wrong audience": len(dials)}
         nursery.cancel_scope.cancel()
 
 

@@ -127,7 +127,7 @@ def test_wal_synchronous_full_and_current_version(tmp_path: Path, kind: Any) -> 
 
 
 def test_validator_schema(vstore: ValidatorStore) -> None:
-    assert vstore.version == len(ValidatorStore.migrations) == 3
+    assert vstore.version == len(ValidatorStore.migrations) == 4
     assert {
         "prediction_id",
         "miner_hotkey",
@@ -360,15 +360,18 @@ def test_resend_answered_as_before_even_if_rules_would_now_refuse(vstore: Valida
     assert vstore.count_predictions() == 1
 
 
-def test_same_id_with_other_content_or_other_miner_is_an_error(vstore: ValidatorStore) -> None:
+def test_same_id_with_other_content_is_an_error_and_ids_are_per_miner(vstore: ValidatorStore) -> None:
     vstore.submit("miner", [prediction("p1")], now=NOW)
     other_content = vstore.submit("miner", [prediction("p1", wager=11.0)], now=NOW)[0]
-    other_miner = vstore.submit("thief", [prediction("p1")], now=NOW)[0]
-    for result in (other_content, other_miner):
-        assert answer(result) == ("p1", "error", REUSED)
-    row = vstore.prediction("p1")
+    assert answer(other_content) == ("p1", "error", REUSED)
+    # another miner's "p1" is its own prediction, and changes nothing of the first
+    other_miner = vstore.submit("thief", [prediction("p1", wager=3.0)], now=NOW)[0]
+    assert answer(other_miner) == ("p1", "success", ACCEPTED)
+    row = vstore.prediction("p1", "miner")
     assert row is not None and row["miner_hotkey"] == "miner" and row["wager"] == 10.0
-    assert vstore.count_predictions() == 1
+    theirs = vstore.prediction("p1", "thief")
+    assert theirs is not None and theirs["wager"] == 3.0
+    assert vstore.count_predictions() == 2
 
 
 def test_refusal_is_answered_the_same_on_resend(vstore: ValidatorStore) -> None:
@@ -380,10 +383,11 @@ def test_refusal_is_answered_the_same_on_resend(vstore: ValidatorStore) -> None:
     assert answer(vstore.submit("miner", [refused], now=NOW)[0]) == ("late", "error", UNKNOWN_GAME)
     vstore.upsert_games([game("nope")])
     assert answer(vstore.submit("miner", [refused], now=NOW)[0]) == ("late", "error", UNKNOWN_GAME)
-    # its id is taken: other content or another miner is an error, and nothing is stored
+    # its id is taken: other content is an error, and nothing is stored
     assert answer(vstore.submit("miner", [prediction("late", wager=1.0)], now=NOW)[0]) == ("late", "error", REUSED)
-    assert answer(vstore.submit("thief", [refused], now=NOW)[0]) == ("late", "error", REUSED)
     assert vstore.prediction_ids() == {"big"}
+    # another miner's "late" is judged on its own, by today's rules (the game is known now)
+    assert answer(vstore.submit("thief", [refused], now=NOW)[0])[1] == "success"
 
 
 def test_duplicate_within_one_batch(vstore: ValidatorStore) -> None:

@@ -104,7 +104,16 @@ class Manager:
             return False
         return True
 
-    def _connection(self, ws: WebSocketConnection, peer_hotkey: str, offered: frozenset[str]) -> LinkConnection:
+    async def save_guard(self) -> None:
+        """Store the replay guard's new entries so they survive a restart.
+
+        A manager has no store: nothing to do. The nodes keep them in SQLite.
+        """
+        await trio.lowlevel.checkpoint()
+
+    def _connection(
+        self, ws: WebSocketConnection, peer_hotkey: str, offered: frozenset[str], *, bound: bool = False
+    ) -> LinkConnection:
         protocol = LinkProtocol(
             role=self.ROLE,
             signer=self.keypair,
@@ -115,6 +124,7 @@ class Manager:
             now=trio.current_time(),
             features=offered & frozenset(self.features),
             handled=self.dispatcher.handlers,
+            bound=bound,
         )
         return LinkConnection(ws, protocol, self.dispatcher)
 

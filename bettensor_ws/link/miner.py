@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 from urllib.parse import urlsplit
@@ -20,7 +21,8 @@ from trio_websocket import (
 from ..protocol.auth import build_auth, check_answer
 from ..protocol.backoff import Backoff
 from ..protocol.errors import HandshakeRefused
-from ..protocol.link import ConnectionSettings, Role
+from ..protocol.identity import canonical_hotkey
+from ..protocol.link import MINER_HOTKEY, ConnectionSettings, Role
 from ..protocol.messages import WebSocketMessage
 from ..protocol.refusals import GOING_AWAY, CloseCode, RefusalKind, bounded
 from ..protocol.signing import Signer
@@ -41,6 +43,14 @@ MINER_SETTINGS = ConnectionSettings(rate_limit=None, max_message_size=16 << 20)
 
 MAX_RETRY_HINT = 3600.0
 """Longest wait a validator's hint can impose, so a bogus hint cannot park a link for good."""
+
+
+def _validator_key(hotkey: str) -> str:
+    """A listed validator's hotkey in its canonical spelling; refused at once if it is none."""
+    canonical = canonical_hotkey(hotkey)
+    if canonical is None:
+        raise ValueError(f"validator hotkey {bounded(hotkey, 64)!r} is not an ss58 address")
+    return canonical
 
 
 class MinerWebSocketManager(Manager):
@@ -73,7 +83,7 @@ class MinerWebSocketManager(Manager):
         super().__init__(
             keypair, settings=settings_from(MINER_SETTINGS, settings, overrides), features=features
         )
-        self.validators: dict[str, str] = dict(validators)
+        self.validators: dict[str, str] = {_validator_key(h): url for h, url in validators}
         self.reconnect_base_interval = reconnect_base_interval
         self.max_reconnect_interval = max_reconnect_interval
         self.stable_after = stable_after
@@ -240,12 +250,24 @@ class MinerWebSocketManager(Manager):
                 hold.cancel()
 
     async def _handshake(self, ws: WebSocketConnection, validator_hotkey: str) -> LinkConnection:
-        """Authenticate, then insist that the Welcome is signed by the expected validator."""
-        await ws.send_message(orjson.dumps(build_auth(self.keypair, features=self.features)).decode())
+        """Authenticate to that validator alone (the auth frame names it), then insist
+        on a Welcome it signed, made for this handshake."""
+        auth = build_auth(self.keypair, features=self.features, audience=validator_hotkey)
+        await ws.send_message(orjson.dumps(auth).decode())
         with trio.fail_after(self.connect_timeout):
             raw = await ws.get_message()
-        welcome = check_answer(raw, validator_hotkey, guard=self.guard, max_size=self.max_message_size)
-        return self._connection(ws, validator_hotkey, welcome.features)
+        welcome = check_answer(
+            raw,
+            validator_hotkey,
+            guard=self.guard,
+            max_size=self.max_message_size,
+            now=time.time(),
+            mono=trio.current_time(),
+            own_hotkey=self.hotkey,
+            auth_nonce=auth["nonce"],
+        )
+        bound = MINER_HOTKEY in welcome.data
+        return self._connection(ws, validator_hotkey, welcome.features, bound=bound)
 
     async def _run_connection(self, conn: LinkConnection) -> None:
         self._connections[conn.hotkey] = conn

@@ -14,10 +14,11 @@ import orjson
 import trio
 from trio_websocket import ConnectionClosed, WebSocketRequest, wrap_server_stream
 
-from ..protocol.auth import check_auth, cooldown_left, refusal_frame
+from ..protocol.auth import AuthInfo, check_auth, cooldown_left, refusal_frame
 from ..protocol.codec import loads_checked
 from ..protocol.errors import AuthError, DecodeError
-from ..protocol.link import ConnectionSettings, Role
+from ..protocol.identity import canonical_hotkey
+from ..protocol.link import MINER_HOTKEY, ConnectionSettings, Role
 from ..protocol.messages import GameUpdateMessage, WebSocketMessage, WelcomeMessage, now_iso
 from ..protocol.payloads import TeamGame, converter
 from ..protocol.ratelimit import FloodCooldown
@@ -54,10 +55,11 @@ miner's messages for tens of milliseconds."""
 
 
 def _hotkeys_of(metagraph: Any) -> frozenset[str] | None:
+    """The registered keys, each in its canonical spelling (identity is the public key)."""
     if metagraph is None:
         return None
     hotkeys = getattr(metagraph, "hotkeys", metagraph)
-    return frozenset(str(h) for h in hotkeys)
+    return frozenset(filter(None, (canonical_hotkey(str(h)) for h in hotkeys)))
 
 
 class ValidatorWebSocketManager(Manager):
@@ -87,10 +89,14 @@ class ValidatorWebSocketManager(Manager):
         flood_cooldown: float = 60.0,
         ssl_context: ssl.SSLContext | None = None,
         features: Iterable[str] = FEATURES,
+        require_audience: bool = False,
         **overrides: Any,
     ) -> None:
         """``settings`` (default :data:`VALIDATOR_SETTINGS`) may be adjusted by
-        keyword: ``ValidatorWebSocketManager(key, heartbeat_interval=30)``."""
+        keyword: ``ValidatorWebSocketManager(key, heartbeat_interval=30)``.
+
+        ``require_audience`` refuses auth frames that do not name this
+        validator (reference miners name none; ours always do)."""
         super().__init__(
             keypair, settings=settings_from(VALIDATOR_SETTINGS, settings, overrides), features=features
         )
@@ -99,6 +105,7 @@ class ValidatorWebSocketManager(Manager):
         self.ssl_context = ssl_context
         self._cooldown = FloodCooldown(flood_cooldown)
         self._allowed = _hotkeys_of(metagraph)
+        self.require_audience = require_audience
         self._last_games_digest: str | None = None
         self.listening = trio.Event()
 
@@ -113,10 +120,15 @@ class ValidatorWebSocketManager(Manager):
     # ---- configuration ---------------------------------------------------------------------
 
     def is_registered(self, hotkey: str) -> bool:
-        return self._allowed is None or hotkey in self._allowed
+        """Whether ``hotkey`` (any spelling of a key) may connect now."""
+        if self._allowed is None:
+            return True
+        return hotkey in self._allowed or canonical_hotkey(hotkey) in self._allowed
 
     def refresh_metagraph(self, metagraph: Any) -> list[str]:
-        """Adopt a new metagraph; close connections of hotkeys no longer registered."""
+        """Adopt a new metagraph; close (1008 "hotkey deregistered") the links of
+        hotkeys that left. A handshake under way is checked again when its link
+        is listed, so a refresh during it is not missed."""
         self._allowed = _hotkeys_of(metagraph)
         dropped = [h for h in self._connections if not self.is_registered(h)]
         for hotkey in dropped:
@@ -223,22 +235,25 @@ class ValidatorWebSocketManager(Manager):
         fallback = INTERNAL
         try:
             try:
-                conn = await self._authenticate(ws)
+                accepted = await self._authenticate(ws)
             except trio.Cancelled:
                 fallback = GOING_AWAY
                 raise
-            if conn is None:
+            if accepted is None:
                 return
-            await self._run_connection(conn)
+            conn, info = accepted
+            await self._run_connection(conn, info)
         finally:
             code, reason = (conn.close_code, conn.close_reason) if conn else (fallback.code, fallback.reason)
             if conn is not None or not ws.closed:
                 await close_quietly(ws, code, reason, self.settings.close_timeout)
 
-    async def _authenticate(self, ws: Any) -> LinkConnection | None:
-        """Read and check the auth frame; on failure answer the reference's bare error."""
+    async def _authenticate(self, ws: Any) -> tuple[LinkConnection, AuthInfo] | None:
+        """Read and check the auth frame; on failure answer the reference's bare
+        error (signed, which reference miners ignore)."""
         hold_until = trio.current_time() + self.auth_timeout / 2
         raw: str | bytes | None = None
+        frame: Any = None
         with trio.move_on_after(self._auth_time()):
             raw = await ws.get_message()
         try:
@@ -249,7 +264,18 @@ class ValidatorWebSocketManager(Manager):
             except DecodeError as exc:
                 raise AuthError(Refusal(RefusalKind.AUTH_MALFORMED, str(exc))) from None
             await self._wait_out_cooldown(frame, hold_until)
-            info = check_auth(frame, guard=self.guard, allowed=self.is_registered, now=time.time())
+            info = check_auth(
+                frame,
+                guard=self.guard,
+                allowed=self.is_registered,
+                now=time.time(),
+                mono=trio.current_time(),
+                audience=self.hotkey,
+                require_audience=self.require_audience,
+            )
+            # the nonce is on disk (with a store) before the Welcome leaves: a
+            # restart cannot make this auth frame usable again
+            await self.save_guard()
         except AuthError as exc:
             refusal = exc.refusal
             self._stats.reject(refusal.kind)
@@ -258,10 +284,10 @@ class ValidatorWebSocketManager(Manager):
                 log.debug("refused a miner: %s", refusal.text())
             else:
                 log.warning("refused a miner: %s", refusal.text())
-            await ws.send_message(refusal_frame(refusal))
+            await ws.send_message(refusal_frame(refusal, self.keypair, frame))
             await close_quietly(ws, CloseCode.POLICY, refusal.text(), self.settings.close_timeout)
             return None
-        return self._connection(ws, info.hotkey, info.features)
+        return self._connection(ws, info.hotkey, info.features), info
 
     async def _wait_out_cooldown(self, frame: Any, hold_until: float) -> None:
         """Refuse a hotkey still cooling down, before its signature is checked.
@@ -282,13 +308,29 @@ class ValidatorWebSocketManager(Manager):
         if left is not None:
             raise AuthError(Refusal.cooldown(left))
 
-    async def _run_connection(self, conn: LinkConnection) -> None:
+    async def _run_connection(self, conn: LinkConnection, info: AuthInfo) -> None:
         # The Welcome is queued before the connection is listed, so no broadcast
-        # can reach the miner ahead of it.
-        welcome: dict[str, Any] = {"message": "Connection established", "status": "success"}
+        # can reach the miner ahead of it. It names the miner and echoes its auth
+        # nonce, under our signature: relayed into another miner's handshake, it
+        # is refused there.
+        welcome: dict[str, Any] = {
+            "message": "Connection established",
+            "status": "success",
+            MINER_HOTKEY: conn.hotkey,
+            "auth_nonce": info.nonce,
+        }
         if self.features:
             welcome["features"] = list(self.features)
-        await conn.send_message(WelcomeMessage(sender=self.hotkey, data=welcome))
+        if self.is_registered(conn.hotkey):
+            await conn.send_message(WelcomeMessage(sender=self.hotkey, data=welcome))
+        # Registration is checked again as the link is listed, with no await in
+        # between: a refresh_metagraph that ran during the handshake (it closes
+        # only listed links) is not missed.
+        if not self.is_registered(conn.hotkey):
+            self._stats.reject(RefusalKind.DEREGISTERED)
+            log.warning("miner %s deregistered during its handshake", conn.hotkey)
+            conn.end(DEREGISTERED)
+            return
         old = self._connections.get(conn.hotkey)
         if old is not None:
             log.info("replacing the connection of %s", conn.hotkey)

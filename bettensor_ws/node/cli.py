@@ -130,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--flood-cooldown", type=float, default=60.0,
         help="seconds a miner closed for flooding is refused before it may reconnect (0: none)",
     )
+    v.add_argument(
+        "--require-audience", action="store_true",
+        help="refuse auth frames that do not name this validator (reference miners name none)",
+    )
     v.add_argument("--feed-games", type=int, default=20, help="games in the simulated feed")
     v.add_argument("--feed-interval", type=float, default=5.0, help="seconds between simulated updates")
     _add_wallet(v)
@@ -188,6 +192,7 @@ async def run_validator(args: argparse.Namespace) -> None:
             heartbeat_interval=args.heartbeat_interval, connection_timeout=args.connection_timeout,
             max_message_size=args.max_message_size, rate_limit=args.rate_limit,
             rate_burst=args.rate_burst, flood_cooldown=args.flood_cooldown,
+            require_audience=args.require_audience,
         ),
         args.db,
     )

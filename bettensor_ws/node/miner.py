@@ -17,6 +17,7 @@ import trio
 from ..link.connection import BATCH, LinkClosed, LinkConnection
 from ..link.miner import MinerWebSocketManager
 from ..link.outbound import Frame
+from ..link.transport import plain_errors
 from ..protocol.dispatch import INTERNAL_ERROR, Connection
 from ..protocol.messages import (
     ConfirmationMessage,
@@ -29,6 +30,7 @@ from ..protocol.ratelimit import TokenBucket
 from ..protocol.refusals import Refusal
 from ..protocol.signing import Signer, sign
 from .dbthread import DbThread
+from .guardstore import GuardKeeper
 from .rules import DAILY_WAGER_LIMIT
 from .store import MinerStore
 
@@ -121,6 +123,7 @@ class MinerNode(MinerWebSocketManager):
         super().__init__(keypair, validators, **kwargs)
         self.store = MinerStore(db_path)
         self.db = DbThread()
+        self.guard_keeper = GuardKeeper(self.guard, self.store, self.db)
         self.strategy = strategy or favourite_strategy(wager)
         self.window = window
         self.batch_size = batch_size
@@ -137,6 +140,17 @@ class MinerNode(MinerWebSocketManager):
         self.register_handler("game_update", self.handle_game_updates)
         self.register_handler("error", self.handle_error)
         self.on_connect(self.run_outbox)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Supervise the links, with the replay guard's entries kept on disk beside them."""
+        with plain_errors():
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.guard_keeper.run)
+                await nursery.start(super().run)
+                task_status.started()
+
+    async def save_guard(self) -> None:
+        await self.guard_keeper.save()
 
     # ---- the seed's handlers --------------------------------------------------------------
 

@@ -125,6 +125,13 @@ def _game_dict(row: sqlite3.Row) -> dict[str, Any]:
     return game
 
 
+_SEEN_NONCES_TABLE = """
+CREATE TABLE IF NOT EXISTS seen_nonces (
+    sender TEXT NOT NULL, second INTEGER NOT NULL, digest INTEGER NOT NULL, expires REAL NOT NULL,
+    PRIMARY KEY (sender, digest)) WITHOUT ROWID"""
+_SEEN_NONCES_INDEX = "CREATE INDEX IF NOT EXISTS seen_nonces_expires ON seen_nonces (expires)"
+
+
 class _Store:
     migrations: Sequence[Sequence[str]] = ()
 
@@ -157,6 +164,31 @@ class _Store:
             self.db.execute("ROLLBACK")
             raise
         return changed
+
+    def save_nonces(self, rows: Sequence[tuple[str, int, int]], window: float, now: float) -> None:
+        """Keep the replay guard's new entries (sender, second, digest), and forget
+        the ones whose timestamps left the window, in one transaction."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self.db.executemany(
+                "INSERT OR IGNORE INTO seen_nonces (sender, second, digest, expires) VALUES (?, ?, ?, ?)",
+                [(sender, second, digest, second + 1 + window) for sender, second, digest in rows],
+            )
+            self.db.execute("DELETE FROM seen_nonces WHERE expires <= ?", (now - window,))
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+
+    def load_nonces(self, now: float) -> list[tuple[str, int, int]]:
+        """The stored guard entries that may still matter at ``now`` (the guard
+        drops those whose timestamps left its window)."""
+        return [
+            (r[0], int(r[1]), int(r[2]))
+            for r in self.db.execute(
+                "SELECT sender, second, digest FROM seen_nonces WHERE expires > ?", (now,)
+            )
+        ]
 
     def game(self, game_id: str) -> dict[str, Any] | None:
         row = self.db.execute("SELECT * FROM games WHERE game_id=?", (str(game_id),)).fetchone()
@@ -209,6 +241,34 @@ class ValidatorStore(_Store):
             """CREATE TABLE IF NOT EXISTS rejections (
                 prediction_id TEXT PRIMARY KEY, miner_hotkey TEXT NOT NULL,
                 body TEXT NOT NULL, message TEXT NOT NULL, received_at TEXT NOT NULL)""",
+        ),
+        (
+            # A prediction id is the miner's own: keyed by (miner, id), so another
+            # miner sending the same ids first takes nothing from their owner.
+            """CREATE TABLE predictions_by_miner (
+                prediction_id TEXT NOT NULL, miner_hotkey TEXT NOT NULL,
+                game_id TEXT NOT NULL, wager REAL NOT NULL, predicted_outcome TEXT NOT NULL,
+                body TEXT NOT NULL, received_at TEXT NOT NULL, day TEXT,
+                status TEXT NOT NULL DEFAULT 'success',
+                message TEXT NOT NULL DEFAULT 'Prediction accepted',
+                PRIMARY KEY (miner_hotkey, prediction_id))""",
+            """INSERT INTO predictions_by_miner (prediction_id, miner_hotkey, game_id, wager,
+                predicted_outcome, body, received_at, day, status, message)
+                SELECT prediction_id, miner_hotkey, game_id, wager, predicted_outcome, body,
+                received_at, day, status, message FROM predictions""",
+            "DROP TABLE predictions",
+            "ALTER TABLE predictions_by_miner RENAME TO predictions",
+            "CREATE INDEX predictions_miner_day ON predictions (miner_hotkey, day)",
+            """CREATE TABLE rejections_by_miner (
+                prediction_id TEXT NOT NULL, miner_hotkey TEXT NOT NULL,
+                body TEXT NOT NULL, message TEXT NOT NULL, received_at TEXT NOT NULL,
+                PRIMARY KEY (miner_hotkey, prediction_id))""",
+            """INSERT INTO rejections_by_miner SELECT prediction_id, miner_hotkey, body, message,
+                received_at FROM rejections""",
+            "DROP TABLE rejections",
+            "ALTER TABLE rejections_by_miner RENAME TO rejections",
+            _SEEN_NONCES_TABLE,
+            _SEEN_NONCES_INDEX,
         ),
     )
 
@@ -276,9 +336,10 @@ class ValidatorStore(_Store):
         Jobs are taken in order, as if submitted one after another, so group
         commit changes how often the disk syncs, never an answer.
 
-        Idempotent: a prediction already answered, with the same content from the
-        same miner, is answered as before (accepted ones are not stored again);
-        the same prediction_id with other content or from another miner is an error.
+        Idempotent per miner: a prediction already answered, with the same content
+        from the same miner, is answered as before (accepted ones are not stored
+        again); the same miner's prediction_id with other content is an error. A
+        prediction id is the miner's own: another miner's use of it changes nothing.
 
         The whole group costs a handful of SQLite calls (one lookup, one sum,
         one multi-row insert per table): each call releases the GIL, and on a
@@ -289,7 +350,12 @@ class ValidatorStore(_Store):
         db.execute("BEGIN IMMEDIATE")
         try:
             batch.answered = self._answered(
-                [pid for _, predictions in jobs for pid in map(prediction_id_of, predictions) if pid]
+                [
+                    (hotkey, pid)
+                    for hotkey, predictions in jobs
+                    for pid in map(prediction_id_of, predictions)
+                    if pid
+                ]
             )
             batch.wagered = self._wagered({hotkey for hotkey, _ in jobs}, batch.day)
             results = [self._decide(batch, hotkey, predictions) for hotkey, predictions in jobs]
@@ -319,10 +385,10 @@ class ValidatorStore(_Store):
         for data in predictions:
             pid = prediction_id_of(data)
             body = canonical(data)
-            old = answered.get(pid) if pid is not None else None
+            old = answered.get((miner_hotkey, pid)) if pid is not None else None
             if old is not None:
-                if old[0] == miner_hotkey and old[1] == body:
-                    results.append(_result(pid, old[2], old[3]))
+                if old[0] == body:
+                    results.append(_result(pid, old[1], old[2]))
                 else:
                     results.append(
                         _result(pid, "error", "prediction_id already used for another prediction")
@@ -335,7 +401,7 @@ class ValidatorStore(_Store):
             if reason is not None:
                 if pid is not None:
                     batch.refused.append((pid, miner_hotkey, body, reason, batch.received_at))
-                    answered[pid] = (miner_hotkey, body, "error", reason)
+                    answered[(miner_hotkey, pid)] = (body, "error", reason)
                 results.append(_result(pid, "error", reason))
                 continue
             assert pid is not None
@@ -344,27 +410,31 @@ class ValidatorStore(_Store):
                 (pid, miner_hotkey, key, wager, str(data["predicted_outcome"]), body,
                  batch.received_at, batch.day, "success", self.ACCEPTED)
             )
-            answered[pid] = (miner_hotkey, body, "success", self.ACCEPTED)
+            answered[(miner_hotkey, pid)] = (body, "success", self.ACCEPTED)
             wagered += wager
             results.append(_result(pid, "success", self.ACCEPTED))
         batch.wagered[miner_hotkey] = wagered
         return results
 
-    def _answered(self, ids: list[str]) -> dict[str, tuple[str, str, str, str]]:
-        """(miner, body, status, message) already recorded for any of ``ids``."""
-        found: dict[str, tuple[str, str, str, str]] = {}
-        unique = list(dict.fromkeys(ids))
-        for start in range(0, len(unique), _MAX_PARAMS // 2):
-            chunk = unique[start : start + _MAX_PARAMS // 2]
-            marks = ",".join("?" * len(chunk))
-            for row in self.db.execute(
-                "SELECT prediction_id, miner_hotkey, body, 'error', message FROM rejections "
-                f"WHERE prediction_id IN ({marks}) UNION ALL "
-                "SELECT prediction_id, miner_hotkey, body, status, message FROM predictions "
-                f"WHERE prediction_id IN ({marks})",
-                chunk + chunk,
-            ):
-                found[row[0]] = (row[1], row[2], row[3], row[4])
+    def _answered(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], tuple[str, str, str]]:
+        """(body, status, message) already recorded for any of the (miner, id) ``keys``."""
+        found: dict[tuple[str, str], tuple[str, str, str]] = {}
+        by_miner: dict[str, list[str]] = {}
+        for hotkey, pid in dict.fromkeys(keys):
+            by_miner.setdefault(hotkey, []).append(pid)
+        per_query = _MAX_PARAMS // 2 - 1
+        for hotkey, ids in by_miner.items():
+            for start in range(0, len(ids), per_query):
+                chunk = ids[start : start + per_query]
+                marks = ",".join("?" * len(chunk))
+                for row in self.db.execute(
+                    "SELECT prediction_id, body, 'error', message FROM rejections "
+                    f"WHERE miner_hotkey=? AND prediction_id IN ({marks}) UNION ALL "
+                    "SELECT prediction_id, body, status, message FROM predictions "
+                    f"WHERE miner_hotkey=? AND prediction_id IN ({marks})",
+                    [hotkey, *chunk, hotkey, *chunk],
+                ):
+                    found[(hotkey, row[0])] = (row[1], row[2], row[3])
         return found
 
     def _wagered(self, hotkeys: set[str], day: str) -> dict[str, float]:
@@ -384,10 +454,18 @@ class ValidatorStore(_Store):
                 totals[hotkey] = float(total)
         return totals
 
-    def prediction(self, prediction_id: str) -> dict[str, Any] | None:
-        row = self.db.execute(
-            "SELECT * FROM predictions WHERE prediction_id=?", (prediction_id,)
-        ).fetchone()
+    def prediction(self, prediction_id: str, miner_hotkey: str | None = None) -> dict[str, Any] | None:
+        """The stored prediction ``prediction_id`` of ``miner_hotkey`` (of any miner: the first)."""
+        if miner_hotkey is None:
+            row = self.db.execute(
+                "SELECT * FROM predictions WHERE prediction_id=? ORDER BY received_at LIMIT 1",
+                (prediction_id,),
+            ).fetchone()
+        else:
+            row = self.db.execute(
+                "SELECT * FROM predictions WHERE miner_hotkey=? AND prediction_id=?",
+                (miner_hotkey, prediction_id),
+            ).fetchone()
         return dict(row) if row is not None else None
 
     def count_predictions(self) -> int:
@@ -433,7 +511,7 @@ class _Batch:
         self.day = utc_day(moment)
         self.received_at = moment.isoformat()
         self.wagered: dict[str, float] = {}
-        self.answered: dict[str, tuple[str, str, str, str]] = {}
+        self.answered: dict[tuple[str, str], tuple[str, str, str]] = {}
         self.accepted: list[tuple[Any, ...]] = []
         self.refused: list[tuple[Any, ...]] = []
 
@@ -459,6 +537,7 @@ class MinerStore(_Store):
                 PRIMARY KEY (prediction_id, validator_hotkey))""",
             "CREATE INDEX IF NOT EXISTS deliveries_pending ON deliveries (validator_hotkey, state)",
         ),
+        (_SEEN_NONCES_TABLE, _SEEN_NONCES_INDEX),
     )
 
     def add_predictions(

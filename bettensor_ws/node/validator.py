@@ -27,6 +27,7 @@ from ..protocol.payloads import TeamGame, converter
 from ..protocol.signing import Signer
 from .committer import GroupCommitter
 from .dbthread import DbThread
+from .guardstore import GuardKeeper
 from .rules import prediction_id_of
 from .store import PredictionResult, ValidatorStore
 
@@ -49,6 +50,7 @@ class ValidatorNode(ValidatorWebSocketManager):
         self.store = ValidatorStore(db_path)
         self.db = DbThread()
         self.committer = GroupCommitter(self.store.submit_many, self.db)
+        self.guard_keeper = GuardKeeper(self.guard, self.store, self.db)
         self._committing = False
         self.register_handler("prediction", self.handle_prediction)
         self.on_connect(self.send_upcoming_games)
@@ -57,9 +59,13 @@ class ValidatorNode(ValidatorWebSocketManager):
         """Serve miners, with the group committer running beside the connections."""
         with plain_errors():
             async with trio.open_nursery() as nursery:
+                await nursery.start(self.guard_keeper.run)
                 await nursery.start(self._run_committer)
                 port = await nursery.start(super().serve)
                 task_status.started(port)
+
+    async def save_guard(self) -> None:
+        await self.guard_keeper.save()
 
     async def _run_committer(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self._committing = True

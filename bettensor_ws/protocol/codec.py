@@ -9,6 +9,7 @@ import orjson
 
 from .errors import DecodeError
 from .messages import WebSocketMessage, build_message, message_class
+from .replay import MAX_NONCE
 
 __all__ = ["DEFAULT_MAX_SIZE", "MAX_DEPTH", "decode", "encode", "loads_checked"]
 
@@ -113,6 +114,9 @@ def decode_obj(obj: Any) -> WebSocketMessage:
             raise DecodeError(f"{name}: expected a string, got {_json_kind(value)}")
     if not isinstance(data, dict):
         raise DecodeError(f"data: expected an object, got {_json_kind(data)}")
+    for name, value in (("type", type_), ("nonce", nonce)):
+        if len(value) > MAX_NONCE:
+            raise DecodeError(f"{name}: longer than {MAX_NONCE} characters ({len(value)})")
     if signature is not None and not isinstance(signature, str):
         raise DecodeError(f"signature: expected a string or null, got {_json_kind(signature)}")
     cls = message_class(type_)

@@ -16,6 +16,7 @@ who consumes it.
 
 from __future__ import annotations
 
+import copy
 import enum
 from collections.abc import Container
 from typing import Any
@@ -24,7 +25,14 @@ import attrs
 
 from .codec import decode_obj, encode, loads_checked
 from .errors import DecodeError
-from .messages import ErrorMessage, HeartbeatAckMessage, HeartbeatMessage, WebSocketMessage
+from .identity import canonical_hotkey
+from .messages import (
+    ConfirmationMessage,
+    ErrorMessage,
+    HeartbeatAckMessage,
+    HeartbeatMessage,
+    WebSocketMessage,
+)
 from .ratelimit import TokenBucket
 from .refusals import FLOODED, SLOW, TIMED_OUT, LinkClose, Refusal, RefusalKind, bounded
 from .replay import ReplayGuard
@@ -40,6 +48,7 @@ __all__ = [
     "Frame",
     "Ignore",
     "LinkProtocol",
+    "MINER_HOTKEY",
     "Refuse",
     "Role",
     "Verdict",
@@ -47,6 +56,9 @@ __all__ = [
 
 BATCH = "batch"
 """The feature a peer announces to send and receive batched predictions and results."""
+
+MINER_HOTKEY = "miner_hotkey"
+"""The data key by which a validator's Welcome and confirmations name the miner they answer."""
 
 # Types the protocol consumes itself when no handler claims them; answering
 # "no handler" to these could ping-pong errors between two peers.
@@ -172,10 +184,14 @@ class LinkProtocol:
         features: frozenset[str] = frozenset(),
         handled: Container[str] = frozenset(),
         bucket: TokenBucket | None = None,
+        bound: bool = False,
     ) -> None:
         self.role = role
         self._signer = signer
+        self.own_hotkey = canonical_hotkey(signer.ss58_address) or signer.ss58_address
         self.peer_hotkey = peer_hotkey
+        self.bound = bound
+        """The validator named this miner in its Welcome: its confirmations must too."""
         self.settings = settings
         self.features = features
         self._guard = guard
@@ -223,11 +239,15 @@ class LinkProtocol:
         except DecodeError as exc:
             nonce = obj.get("nonce") if isinstance(obj, dict) else None
             return self._refuse(Refusal(RefusalKind.MALFORMED, str(exc)), nonce)
-        if message.sender != self.peer_hotkey:
+        if message.sender != self.peer_hotkey and canonical_hotkey(message.sender) != self.peer_hotkey:
             return self._refuse(Refusal(RefusalKind.WRONG_SENDER), message.nonce)
         if not verify(message):
             return self._refuse(Refusal(RefusalKind.BAD_SIGNATURE), message.nonce)
-        problem = self._guard.check(message.sender, message.nonce, message.timestamp, now=wall)
+        if self.role is Role.MINER and message.type == ConfirmationMessage.MESSAGE_TYPE:
+            misaddressed = self._misaddressed(message.data)
+            if misaddressed is not None:
+                return self._refuse(misaddressed, message.nonce)
+        problem = self._guard.check(self.peer_hotkey, message.nonce, message.timestamp, now=wall, mono=now)
         if problem is not None:
             return self._refuse(problem, message.nonce)
         if message.type in self._handled:
@@ -240,6 +260,16 @@ class LinkProtocol:
         refusal = Refusal(RefusalKind.NO_HANDLER, bounded(repr(message.type)))
         nonce = bounded(message.nonce)
         return Refuse(refusal, nonce, self._reply(refusal, nonce))
+
+    def _misaddressed(self, data: dict[str, Any]) -> Refusal | None:
+        """Why a confirmation is not ours: it names another miner, or (on a bound
+        session, whose validator names its miner) none."""
+        named = data.get(MINER_HOTKEY)
+        if named is None:
+            return Refusal(RefusalKind.MISADDRESSED, "no miner named") if self.bound else None
+        if named == self.own_hotkey or (isinstance(named, str) and canonical_hotkey(named) == self.own_hotkey):
+            return None
+        return Refusal(RefusalKind.MISADDRESSED, bounded(named, 64))
 
     def _refuse(self, refusal: Refusal, nonce: object = None) -> Refuse:
         """Only the validator answers refused frames: two peers must not ping-pong errors."""
@@ -256,7 +286,18 @@ class LinkProtocol:
     # ---- frames out ------------------------------------------------------------------------
 
     def sign(self, message: WebSocketMessage) -> Frame:
-        """``message`` signed with this side's key and encoded for the wire."""
+        """``message`` signed with this side's key and encoded for the wire.
+
+        A validator's confirmation names the miner it answers (``miner_hotkey``),
+        under the signature: relayed to anyone else, it is refused.
+        """
+        if (
+            self.role is Role.VALIDATOR
+            and message.type == ConfirmationMessage.MESSAGE_TYPE
+            and message.data.get(MINER_HOTKEY) != self.peer_hotkey
+        ):
+            message = copy.copy(message)
+            message.data = {**message.data, MINER_HOTKEY: self.peer_hotkey}
         return Frame.of(sign(message, self._signer))
 
     def send_started(self, now: float) -> None:

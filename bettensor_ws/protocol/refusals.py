@@ -68,21 +68,26 @@ class RefusalKind(enum.Enum):
     FUTURE_TIMESTAMP = ("future timestamp", "future timestamp ({detail})", True)
     REPLAYED_NONCE = ("replayed nonce", "replayed nonce", True)
     REPLAY_GUARD_FULL = ("replay guard full", "replay guard full", True)
+    REPLAY_QUOTA = ("replay quota", "replay quota exceeded ({detail} frames in the window)", True)
+    MISADDRESSED = ("misaddressed", "addressed to another miner: {detail}", False)
     NO_HANDLER = ("no handler", "No handler registered for message type {detail}", False)
     INTERNAL_ERROR = ("internal error", "Internal server error", True)
     # the handshake
     AUTH_MALFORMED = ("malformed auth frame", "malformed auth frame: {detail}", False)
     AUTH_TIMEOUT = ("auth timeout", "auth timeout", True)
     NOT_REGISTERED = ("hotkey not registered", "hotkey not registered", False)
+    WRONG_AUDIENCE = ("wrong audience", "auth frame addressed to another validator", False)
+    NO_AUDIENCE = ("no audience", "auth frame names no audience; this validator requires one", False)
     FLOOD_COOLDOWN = ("flood cooldown", "flood cooldown: retry in {detail} s", True)
     IMPOSTOR = ("impostor", "welcome not signed by the expected validator hotkey", False)
     BAD_WELCOME = ("bad welcome", "bad welcome: {detail}", False)
+    WRONG_SESSION = ("wrong session", "welcome not made for this handshake: {detail}", False)
     CONNECT_FAILED = ("connect failed", "connect failed: {detail}", True)
     # the end of a link
     FLOODING = ("flooding", "rate limit exceeded", True)
     SLOW_CONSUMER = ("slow consumer", "slow consumer", True)
     CONNECTION_TIMEOUT = ("connection timeout", "connection timeout", True)
-    DEREGISTERED = ("deregistered", "Hotkey no longer registered", False)
+    DEREGISTERED = ("deregistered", "hotkey deregistered", False)
 
     def __init__(self, key: str, template: str, transient: bool) -> None:
         self.key = key

@@ -40,6 +40,7 @@ from bettensor_ws import (
     PredictionMessage,
     ValidatorWebSocketManager,
 )
+from tests.helpers import bare_refusal
 
 from .refpeer import (
     RefMiner,
@@ -385,8 +386,10 @@ def _bad_auth(kind: str, bob: Keypair, charlie: Keypair) -> tuple[Keypair, Any]:
 
 
 def assert_bare_refusal(answer: dict[str, Any] | None, contains: str) -> str:
-    """The reference's bare, unsigned ``{"status": "error", "message": ...}``."""
+    """The reference's bare ``{"status": "error", "message": ...}`` (what a reference
+    miner reads), with our signature keys beside it, checked."""
     assert answer is not None, "no answer to the auth frame"
+    answer = bare_refusal(answer)
     assert set(answer) == {"status", "message"}, answer
     assert answer["status"] == "error"
     message = str(answer["message"])
@@ -657,7 +660,7 @@ def test_refminer_idle_timeout_and_deregistration(
                 assert m.welcome is not None and m.welcome.get("type") == "welcome"
                 dropped = await svc.acall_sync(v.manager.refresh_metagraph, [bob.ss58_address])
                 assert dropped == [charlie.ss58_address]
-                assert await m.wait_closed(STEP) == (1008, "Hotkey no longer registered")
+                assert await m.wait_closed(STEP) == (1008, "hotkey deregistered")
             async with RefMiner(charlie, url) as m:
                 assert_bare_refusal(m.welcome, "hotkey not registered")
 

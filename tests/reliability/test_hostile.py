@@ -45,7 +45,7 @@ from bettensor_ws.protocol.messages import (
     WelcomeMessage,
 )
 from bettensor_ws.protocol.signing import sign, sign_dict
-from tests.helpers import count_tasks
+from tests.helpers import bare_refusal, count_tasks
 
 STEP = 10.0  # generous bound on any single exchange over loopback
 MiB = 1 << 20
@@ -175,7 +175,7 @@ async def auth_refused(port: int, first: str | bytes) -> tuple[dict[str, Any], i
         await ws.send_message(first)
         code, reason, got = await expect_close(ws)
     assert len(got) == 1, got
-    return orjson.loads(got[0]), code, reason
+    return bare_refusal(got[0]), code, reason
 
 
 _good = 0
@@ -556,7 +556,7 @@ async def test_slowloris_auth_frame_never_sent(alice: Keypair, bob: Keypair) -> 
         async with client(port) as ws:
             code, reason, got = await expect_close(ws)
         waited = trio.current_time() - start
-        assert (code, reason, [orjson.loads(g) for g in got]) == (
+        assert (code, reason, [bare_refusal(g) for g in got]) == (
             1008,
             "auth timeout",
             [{"status": "error", "message": "auth timeout"}],

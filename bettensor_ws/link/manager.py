@@ -11,6 +11,7 @@ import trio
 from trio_websocket import WebSocketConnection
 
 from ..protocol.dispatch import Connection, Dispatcher, Handler
+from ..protocol.identity import canonical_hotkey
 from ..protocol.link import ConnectionSettings, Frame, LinkProtocol, Role
 from ..protocol.messages import WebSocketMessage
 from ..protocol.refusals import INTERNAL
@@ -82,8 +83,12 @@ class Manager:
         self._connect_hooks.append(hook)
 
     def connection(self, hotkey: str) -> LinkConnection | None:
-        """The live link to the peer ``hotkey``, if any."""
-        return self._connections.get(hotkey)
+        """The live link to the peer ``hotkey`` (any spelling of its key), if any."""
+        conn = self._connections.get(hotkey)
+        if conn is None:
+            canonical = canonical_hotkey(hotkey)
+            conn = self._connections.get(canonical) if canonical is not None else None
+        return conn
 
     def stats(self) -> dict[str, Any]:
         return self._stats.snapshot(len(self._connections))
@@ -94,7 +99,7 @@ class Manager:
 
     async def send_to(self, hotkey: str, message: WebSocketMessage | dict[str, Any]) -> bool:
         """Sign and queue ``message`` for the peer ``hotkey``; False when it is not connected."""
-        conn = self._connections.get(hotkey)
+        conn = self.connection(hotkey)
         if conn is None:
             await trio.lowlevel.checkpoint()
             return False

@@ -329,6 +329,12 @@ BAD_INPUT: dict[str, tuple[Any, tuple[str, ...]]] = {
         lambda tmp: _validator_args(tmp, "--allow-file", str(tmp / "allowed.txt")),
         ("allowed.txt",),
     ),
+    "allow file with a bad line": (
+        lambda tmp: _validator_args(
+            tmp, "--allow-file", _write(tmp / "allowed.txt", f"# miners\n{ALICE}\n5NotAnAddress\n")
+        ),
+        ("allowed.txt", "line 3", "5NotAnAddress"),
+    ),
     "db is not sqlite": (
         lambda tmp: ["validator", "--port", "0", "--hotkey-uri", "//Alice",
                      "--db", _write(tmp / "v.db", "hello, not a database\n" * 100)],

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 import trio
 
+from ..protocol.identity import canonical_hotkey
 from ..protocol.signing import Signer
 
 __all__ = ["main"]
@@ -75,7 +76,15 @@ def _read_allow_file(path: str) -> list[str]:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"cannot read allow file {path}: {exc}") from None
-    return [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    hotkeys = []
+    for number, line in enumerate(lines, 1):
+        entry = line.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        if canonical_hotkey(entry) is None:
+            raise UsageError(f"allow file {path}, line {number}: {entry[:64]!r} is not an ss58 address")
+        hotkeys.append(entry)
+    return hotkeys
 
 
 def _parse_validator_arg(value: str) -> tuple[str, str]:
@@ -87,12 +96,8 @@ def _parse_validator_arg(value: str) -> tuple[str, str]:
         parts.port  # noqa: B018  (raises on a malformed port)
     except ValueError:
         raise UsageError(f"bad --validator {value!r}: invalid port") from None
-    from bittensor_wallet import Keypair
-
-    try:
-        Keypair(ss58_address=hotkey)
-    except Exception:
-        raise UsageError(f"bad --validator {value!r}: {hotkey!r} is not an ss58 address") from None
+    if canonical_hotkey(hotkey) is None:
+        raise UsageError(f"bad --validator {value!r}: {hotkey!r} is not an ss58 address")
     return hotkey, url
 
 

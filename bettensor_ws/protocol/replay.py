@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import hashlib
 import heapq
-from array import array
 import math
 import time
+from array import array
 from collections.abc import Iterable
 from datetime import UTC, datetime
 

@@ -436,7 +436,7 @@ def test_replay_guard_never_accepts_a_pair_twice_within_the_window(
         else:
             timestamp = _iso(now + offset * window / 300.0)
         sent_at = _epoch(timestamp)
-        reason = guard.check(sender, nonce, timestamp, now=now)
+        reason = guard.check(sender, nonce, timestamp, now=now, mono=now)
         event(f"outcome: {reason.key if reason else 'accepted'}")
         if reason is None:
             # safety: an exact replay is never accepted, and neither is a pair
@@ -471,7 +471,7 @@ def test_replay_guard_memory_stays_bounded(rate: float, window: float, seed: int
         now += (1.0 / rate) * (1.0 + rnd.random())  # at most `rate` messages a second
         delay = rnd.uniform(0.0, min(2.0, window / 2))  # sent a little before it arrives
         sender = f"miner{rnd.randrange(8)}"
-        assert guard.check(sender, f"nonce-{i}", _iso(now - delay), now=now) is None
+        assert guard.check(sender, f"nonce-{i}", _iso(now - delay), now=now, mono=now) is None
         peak = max(peak, len(guard))
         assert len(guard) <= bound, (len(guard), bound)
     # and it is not trivially empty: it holds about a window's worth

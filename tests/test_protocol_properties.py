@@ -187,9 +187,12 @@ class LinkPair(RuleBasedStateMachine):
             return RefusalKind.STALE_TIMESTAMP
         if sent_at > self.wall + WINDOW:
             return RefusalKind.FUTURE_TIMESTAMP
-        for second, (mono_expiry, wall_expiry) in sorted(side.buckets.items(), key=lambda b: b[1]):
-            if not (mono_expiry <= self.now and wall_expiry <= self.wall):
-                break
+        for second, (mono_expiry, wall_expiry) in list(side.buckets.items()):
+            if mono_expiry > self.now:
+                continue
+            if wall_expiry > self.wall:  # the wall clock is behind: looked at again later
+                side.buckets[second] = (self.now + (wall_expiry - self.wall), wall_expiry)
+                continue
             del side.buckets[second]
             side.seen = {n: s for n, s in side.seen.items() if s != second}
         if obj["nonce"] in side.seen:

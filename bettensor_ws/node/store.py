@@ -171,7 +171,7 @@ class _Store:
         self.db.execute("BEGIN IMMEDIATE")
         try:
             self.db.executemany(
-                "INSERT OR IGNORE INTO seen_nonces (sender, second, digest, expires) VALUES (?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO seen_nonces (sender, second, digest, expires) VALUES (?, ?, ?, ?)",
                 [(sender, second, digest, second + 1 + window) for sender, second, digest in rows],
             )
             self.db.execute("DELETE FROM seen_nonces WHERE expires <= ?", (now - window,))

@@ -226,6 +226,10 @@ class LinkProtocol:
         return verdict
 
     def _admit(self, raw: str | bytes, now: float, wall: float) -> Verdict:
+        if self.closing is not None:
+            # decided to end (deregistered, replaced, flooding): a frame already
+            # read reaches no handler
+            return Close(self.closing)
         if self.bucket is not None and not self.bucket.take(now):
             if self.bucket.strikes > self.settings.strikes_allowed:
                 return Close(FLOODED)

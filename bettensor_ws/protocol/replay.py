@@ -152,12 +152,12 @@ class ReplayGuard:
         """Record the pair and return None if acceptable, else why it is not.
 
         ``now`` is the wall clock (epoch seconds) the window is judged by;
-        ``mono`` a monotonic clock for forgetting (by default ``now`` itself,
-        for callers with one clock). ``scope`` separates nonce spaces (auth
-        frames from envelopes).
+        ``mono`` a monotonic clock for forgetting (``time.monotonic()`` unless
+        given: pass a simulated one beside a simulated ``now``). ``scope``
+        separates nonce spaces (auth frames from envelopes).
         """
         now = time.time() if now is None else now
-        mono = now if mono is None else mono
+        mono = time.monotonic() if mono is None else mono
         refusal = check_nonce(nonce)
         if refusal is not None:
             return refusal
@@ -198,12 +198,15 @@ class ReplayGuard:
 
     def prune(self, now: float, mono: float | None = None) -> None:
         """Forget every bucket whose timestamps are out of the window by both clocks."""
-        mono = now if mono is None else mono
+        mono = time.monotonic() if mono is None else mono
         expiry = self._expiry
         while expiry and expiry[0][0] <= mono:
-            if expiry[0][1] > now:
-                break  # the wall clock says not yet (it stepped back): keep, fail closed
-            _, _, sender, second = heapq.heappop(expiry)
+            _, wall_expiry, sender, second = heapq.heappop(expiry)
+            if wall_expiry > now:
+                # the wall clock says not yet (it is behind): keep it, fail closed, and
+                # look again when the wall clock should get there; the rest go on
+                heapq.heappush(expiry, (mono + (wall_expiry - now), wall_expiry, sender, second))
+                continue
             ledger = self._ledgers[sender]
             held = len(ledger.seen)
             ledger.seen.difference_update(ledger.buckets.pop(second))

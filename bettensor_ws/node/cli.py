@@ -207,7 +207,10 @@ async def run_validator(args: argparse.Namespace) -> None:
             # Stored before the port opens: every miner gets them right after its
             # Welcome, and this first update is broadcast to nobody.
             feed = SimulatedFeed(args.feed_games) if games is None else None
-            await node.update_games(games if feed is None else feed.tick(0))
+            try:
+                await node.update_games(games if feed is None else feed.tick(0))
+            except sqlite3.Error as exc:
+                raise UsageError(f"cannot write database {args.db}: {exc}") from None
             try:
                 port = await nursery.start(node.serve)
             except* OSError as group:
@@ -225,9 +228,14 @@ async def run_validator(args: argparse.Namespace) -> None:
 
 
 async def _run_feed(node: Any, feed: Any, interval: float) -> None:
+    """Store and broadcast the feed's games every ``interval``; a storage fault (a
+    locked or full disk) skips one update, with a WARNING, and the next one retries."""
     while True:
         await trio.sleep(interval)
-        await node.update_games(feed.tick())
+        try:
+            await node.update_games(feed.tick())
+        except sqlite3.Error as exc:
+            log.warning("storing the feed's games failed (%s); retrying in %g s", exc, interval)
 
 
 def _open_store(factory: Any, path: str) -> Any:

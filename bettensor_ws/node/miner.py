@@ -7,6 +7,7 @@ and resent on every (re)connect until that validator has answered it.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -131,6 +132,8 @@ class MinerNode(MinerWebSocketManager):
         self.send_rate = send_rate
         self.send_burst = send_burst
         self._outboxes: dict[str, _Outbox] = {}
+        # per validator, the last game update a storage fault kept out (one each)
+        self._unstored_games: dict[str, list[dict[str, Any]]] = {}
         self.sent_at: dict[str, float] = {}
         self.latencies: list[float] = []
         # one prediction round at a time: updates from several validators must not
@@ -206,6 +209,35 @@ class MinerNode(MinerWebSocketManager):
     async def handle_game_updates(self, websocket: Connection, message: WebSocketMessage) -> None:
         assert isinstance(message, GameUpdateMessage)
         games = message.data.get("games", [])
+        try:
+            await self._take_games(websocket.hotkey, games)
+        except sqlite3.Error as exc:
+            # The validator sends an unchanged update only once: keep this one and
+            # try again from the outbox loop, or these games are never predicted.
+            self._unstored_games[websocket.hotkey] = games
+            log.warning(
+                "storing %d games from validator %s failed (%s); retrying",
+                len(games), websocket.hotkey, exc,
+            )
+            return
+        self._unstored_games.pop(websocket.hotkey, None)
+        log.info("received updates for %d games from validator %s", len(games), websocket.hotkey)
+
+    async def _retry_unstored_games(self, validator_hotkey: str) -> None:
+        """Store (and predict on) an update that a storage fault kept out, if any."""
+        games = self._unstored_games.get(validator_hotkey)
+        if games is None:
+            return
+        try:
+            await self._take_games(validator_hotkey, games)
+        except sqlite3.Error as exc:
+            log.warning("storing games from validator %s failed again (%s)", validator_hotkey, exc)
+            return
+        if self._unstored_games.get(validator_hotkey) is games:
+            del self._unstored_games[validator_hotkey]
+        log.info("stored %d games from validator %s after a storage fault", len(games), validator_hotkey)
+
+    async def _take_games(self, validator_hotkey: str, games: list[dict[str, Any]]) -> None:
         changed = await self.db.run(self.store.upsert_games, games)
         # New or changed games, and any stored game still unpredicted: a link that
         # dropped (or a miner killed) between storing an update and predicting on it
@@ -216,7 +248,6 @@ class MinerNode(MinerWebSocketManager):
             await self.trigger_predictions_for_updated_games(
                 [g for g in games if str(g["game_id"]) in wanted]
             )
-        log.info("received updates for %d games from validator %s", len(games), websocket.hotkey)
 
     async def trigger_predictions_for_updated_games(self, games: Sequence[dict[str, Any]]) -> list[str]:
         """Ask the strategy about new or changed games; store what it predicts, then send."""
@@ -265,6 +296,7 @@ class MinerNode(MinerWebSocketManager):
         bucket = TokenBucket(self.send_rate, self.send_burst, now=trio.current_time())
         while True:
             outbox.wake = trio.Event()
+            await self._retry_unstored_games(connection.hotkey)
             now = trio.current_time()
             for pid, sent in list(outbox.inflight.items()):
                 if now - sent >= self.retry_after:
@@ -274,11 +306,15 @@ class MinerNode(MinerWebSocketManager):
                     del outbox.by_nonce[nonce]
             room = self.window - len(outbox.inflight)
             pending: list[dict[str, Any]] = []
-            if room > 0:
-                pending = await self.db.run(
-                    self.store.pending, connection.hotkey, room, list(outbox.inflight)
-                )
             wait = self.retry_after
+            if room > 0:
+                try:
+                    pending = await self.db.run(
+                        self.store.pending, connection.hotkey, room, list(outbox.inflight)
+                    )
+                except sqlite3.Error as exc:
+                    log.warning("reading the outbox for %s failed (%s); retrying", connection.hotkey, exc)
+                    wait = 1.0
             if pending:
                 if batched:
                     for start in range(0, len(pending), self.batch_size):

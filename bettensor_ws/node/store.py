@@ -8,10 +8,12 @@ never blocks on a disk sync and the rules see one consistent order.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sqlite3
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,8 @@ __all__ = [
     "ValidatorStore",
     "canonical",
 ]
+
+log = logging.getLogger("bettensor_ws.store")
 
 UNKNOWN_GAME_CACHE_SIZE = 4_096
 """Most game ids a :class:`ValidatorStore` remembers as unknown, least recently used
@@ -85,6 +89,35 @@ def connect(path: str | Path) -> sqlite3.Connection:
     return db
 
 
+@contextmanager
+def transaction(db: sqlite3.Connection) -> Iterator[None]:
+    """One write transaction, committed, or rolled back if anything in it fails.
+
+    The error raised is the first cause: a failed rollback (after a full disk
+    or an I/O error SQLite may have ended the transaction itself) is not
+    allowed to replace it with "cannot rollback - no transaction is active".
+    """
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            try:
+                db.execute("ROLLBACK")
+            except sqlite3.Error as exc:
+                log.warning("rollback failed after an earlier error: %s", exc)
+        raise
+
+
+def check_writable(db: sqlite3.Connection) -> None:
+    """Write once at start, so a read-only, full or locked database is refused then,
+    not found out at the first prediction."""
+    with transaction(db):
+        version = int(db.execute("PRAGMA user_version").fetchone()[0])
+        db.execute(f"PRAGMA user_version={version}")
+
+
 def migrate(db: sqlite3.Connection, migrations: Sequence[Sequence[str]]) -> int:
     """Bring the schema to ``len(migrations)`` using ``PRAGMA user_version``."""
     version = int(db.execute("PRAGMA user_version").fetchone()[0])
@@ -93,15 +126,10 @@ def migrate(db: sqlite3.Connection, migrations: Sequence[Sequence[str]]) -> int:
             f"database schema version {version} is newer than this program ({len(migrations)})"
         )
     for number in range(version, len(migrations)):
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(db):
             for statement in migrations[number]:
                 db.execute(statement)
             db.execute(f"PRAGMA user_version={number + 1}")
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
     return len(migrations)
 
 
@@ -139,6 +167,7 @@ class _Store:
         self.path = str(path)
         self.db = connect(path)
         self.version = migrate(self.db, self.migrations)
+        check_writable(self.db)
 
     def close(self) -> None:
         self.db.close()
@@ -146,8 +175,7 @@ class _Store:
     def upsert_games(self, games: Iterable[TeamGame | dict[str, Any]]) -> list[str]:
         """Store games; returns the ids that are new or changed."""
         changed = []
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(self.db):
             for game in games:
                 row = _game_row(game)
                 old = self.db.execute("SELECT * FROM games WHERE game_id=?", (row[0],)).fetchone()
@@ -159,26 +187,17 @@ class _Store:
                     row,
                 )
                 changed.append(str(row[0]))
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
         return changed
 
     def save_nonces(self, rows: Sequence[tuple[str, int, int]], window: float, now: float) -> None:
         """Keep the replay guard's new entries (sender, second, digest), and forget
         the ones whose timestamps left the window, in one transaction."""
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(self.db):
             self.db.executemany(
                 "INSERT OR REPLACE INTO seen_nonces (sender, second, digest, expires) VALUES (?, ?, ?, ?)",
                 [(sender, second, digest, second + 1 + window) for sender, second, digest in rows],
             )
             self.db.execute("DELETE FROM seen_nonces WHERE expires <= ?", (now - window,))
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
 
     def load_nonces(self, now: float) -> list[tuple[str, int, int]]:
         """The stored guard entries that may still matter at ``now`` (the guard
@@ -347,8 +366,7 @@ class ValidatorStore(_Store):
         """
         batch = _Batch(now or _now())
         db = self.db
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(db):
             batch.answered = self._answered(
                 [
                     (hotkey, pid)
@@ -368,10 +386,6 @@ class ValidatorStore(_Store):
             _insert_rows(
                 db, "rejections (prediction_id, miner_hotkey, body, message, received_at)", batch.refused
             )
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
         self._day_wagers.update(((h, batch.day), total) for h, total in batch.wagered.items())
         return results
 
@@ -547,8 +561,7 @@ class MinerStore(_Store):
         created_at = _now().isoformat()
         targets = list(validators)
         added = []
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(self.db):
             for data in predictions:
                 pid = prediction_id_of(data)
                 if pid is None:
@@ -565,10 +578,6 @@ class MinerStore(_Store):
                     "updated_at) VALUES (?, ?, 'pending', ?)",
                     [(pid, v, created_at) for v in targets],
                 )
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
         return added
 
     def pending(self, validator_hotkey: str, limit: int, exclude: Iterable[str] = ()) -> list[dict[str, Any]]:
@@ -593,8 +602,7 @@ class MinerStore(_Store):
         """
         now = _now().isoformat()
         changed = 0
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(self.db):
             for pid, status, message in results:
                 state = "confirmed" if status == "success" else "rejected"
                 cursor = self.db.execute(
@@ -603,10 +611,6 @@ class MinerStore(_Store):
                     (state, None if state == "confirmed" else message, now, pid, validator_hotkey),
                 )
                 changed += cursor.rowcount
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
         return changed
 
     def predicted_games(self) -> set[str]:

@@ -7,6 +7,7 @@ after its prediction is committed.
 from __future__ import annotations
 
 import logging
+import sqlite3
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -105,8 +106,20 @@ class ValidatorNode(ValidatorWebSocketManager):
             await websocket.send_json({"type": "confirmation", **results[0], "timestamp": now_iso()})
 
     async def send_upcoming_games(self, connection: LinkConnection) -> None:
-        """Right after Welcome: every active game not yet started, as one update."""
-        games = await self.db.run(self.store.upcoming_games)
+        """Right after Welcome: every active game not yet started, as one update.
+
+        A storage fault (a locked database) is retried with backoff, with a
+        WARNING, for as long as the link lasts, rather than ending the link.
+        """
+        delay = 1.0
+        while True:
+            try:
+                games = await self.db.run(self.store.upcoming_games)
+                break
+            except sqlite3.Error as exc:
+                log.warning("reading games for %s failed (%s); retrying in %g s", connection.hotkey, exc, delay)
+                await trio.sleep(delay)
+                delay = min(delay * 2, 30.0)
         if games:
             await connection.send_message(
                 GameUpdateMessage(sender=self.hotkey, data={"games": games, "timestamp": now_iso()})

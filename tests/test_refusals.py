@@ -15,7 +15,8 @@ TRANSIENT = {
     RefusalKind.RATE_LIMITED, RefusalKind.STALE_TIMESTAMP, RefusalKind.FUTURE_TIMESTAMP,
     RefusalKind.REPLAYED_NONCE, RefusalKind.REPLAY_GUARD_FULL, RefusalKind.REPLAY_QUOTA,
     RefusalKind.INTERNAL_ERROR,
-    RefusalKind.AUTH_TIMEOUT, RefusalKind.FLOOD_COOLDOWN, RefusalKind.CONNECT_FAILED,
+    RefusalKind.AUTH_TIMEOUT, RefusalKind.FLOOD_COOLDOWN, RefusalKind.HANDSHAKE_RATE,
+    RefusalKind.CONNECT_FAILED,
     RefusalKind.FLOODING, RefusalKind.SLOW_CONSUMER, RefusalKind.CONNECTION_TIMEOUT,
 }
 
@@ -44,6 +45,7 @@ WIRE = {
     "auth frame names no audience; this validator requires one": RefusalKind.NO_AUDIENCE,
     "welcome not made for this handshake: made for another miner": RefusalKind.WRONG_SESSION,
     "hotkey deregistered": RefusalKind.DEREGISTERED,
+    "too many handshakes: retry in 3 s": RefusalKind.HANDSHAKE_RATE,
 }
 
 
@@ -61,6 +63,7 @@ def test_wire_texts_parse_to_their_kind_and_back(text: str) -> None:
 
 def test_a_cooldown_carries_its_retry_hint() -> None:
     assert Refusal.parse("flood cooldown: retry in 42 s").retry_after == 42.0
+    assert Refusal.parse("too many handshakes: retry in 3 s").retry_after == 3.0
     assert Refusal.cooldown(41.2).text() == "flood cooldown: retry in 42 s"
 
 

@@ -14,6 +14,7 @@ from ..protocol.dispatch import Connection, Dispatcher, Handler
 from ..protocol.identity import canonical_hotkey
 from ..protocol.link import ConnectionSettings, Frame, LinkProtocol, Role
 from ..protocol.messages import WebSocketMessage
+from ..protocol.ratelimit import TokenBucket
 from ..protocol.refusals import INTERNAL
 from ..protocol.replay import ReplayGuard
 from ..protocol.replies import to_message
@@ -117,7 +118,13 @@ class Manager:
         await trio.lowlevel.checkpoint()
 
     def _connection(
-        self, ws: WebSocketConnection, peer_hotkey: str, offered: frozenset[str], *, bound: bool = False
+        self,
+        ws: WebSocketConnection,
+        peer_hotkey: str,
+        offered: frozenset[str],
+        *,
+        bound: bool = False,
+        bucket: TokenBucket | None = None,
     ) -> LinkConnection:
         protocol = LinkProtocol(
             role=self.ROLE,
@@ -130,6 +137,7 @@ class Manager:
             features=offered & frozenset(self.features),
             handled=self.dispatcher.handlers,
             bound=bound,
+            bucket=bucket,
         )
         return LinkConnection(ws, protocol, self.dispatcher)
 

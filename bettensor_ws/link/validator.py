@@ -21,7 +21,7 @@ from ..protocol.identity import canonical_hotkey
 from ..protocol.link import MINER_HOTKEY, ConnectionSettings, Role
 from ..protocol.messages import GameUpdateMessage, WebSocketMessage, WelcomeMessage, now_iso
 from ..protocol.payloads import TeamGame, converter
-from ..protocol.ratelimit import FloodCooldown
+from ..protocol.ratelimit import Budgets, FloodCooldown
 from ..protocol.refusals import (
     DEREGISTERED,
     FLOODED,
@@ -46,6 +46,11 @@ FEATURES: tuple[str, ...] = ()
 
 VALIDATOR_SETTINGS = ConnectionSettings(rate_limit=50.0, max_message_size=1 << 20)
 """A validator's defaults: miners are rate limited; a frame may be up to 1 MiB."""
+
+HANDSHAKE_RATE = 0.5
+HANDSHAKE_BURST = 20
+"""Accepted handshakes a hotkey may make: 20 at once, then one every 2 s. Our miner's
+backoff (1 s doubling to 60 s) stays far below it; a reconnect loop does not."""
 
 AUTH_JITTER = 0.1
 """A connection's upgrade and auth deadlines are ``auth_timeout`` plus up to 10% more,
@@ -90,13 +95,18 @@ class ValidatorWebSocketManager(Manager):
         ssl_context: ssl.SSLContext | None = None,
         features: Iterable[str] = FEATURES,
         require_audience: bool = False,
+        handshake_rate: float = HANDSHAKE_RATE,
+        handshake_burst: int = HANDSHAKE_BURST,
         **overrides: Any,
     ) -> None:
         """``settings`` (default :data:`VALIDATOR_SETTINGS`) may be adjusted by
         keyword: ``ValidatorWebSocketManager(key, heartbeat_interval=30)``.
 
         ``require_audience`` refuses auth frames that do not name this
-        validator (reference miners name none; ours always do)."""
+        validator (reference miners name none; ours always do).
+        ``handshake_rate``/``handshake_burst`` budget each hotkey's accepted
+        handshakes ("too many handshakes: retry in N s" past them), as
+        ``rate_limit``/``rate_burst`` budget its frames, across reconnects."""
         super().__init__(
             keypair, settings=settings_from(VALIDATOR_SETTINGS, settings, overrides), features=features
         )
@@ -104,6 +114,10 @@ class ValidatorWebSocketManager(Manager):
         self.port = port
         self.ssl_context = ssl_context
         self._cooldown = FloodCooldown(flood_cooldown)
+        # budgets belong to the hotkey, not the connection: reconnecting resets nothing
+        rate = self.settings.rate_limit
+        self._frame_budgets = Budgets(rate, self.settings.rate_burst) if rate else None
+        self._handshake_budgets = Budgets(handshake_rate, handshake_burst)
         self._allowed = _hotkeys_of(metagraph)
         self.require_audience = require_audience
         self._last_games_digest: str | None = None
@@ -273,6 +287,10 @@ class ValidatorWebSocketManager(Manager):
                 audience=self.hotkey,
                 require_audience=self.require_audience,
             )
+            now = trio.current_time()
+            handshakes = self._handshake_budgets.bucket(info.hotkey, now)
+            if not handshakes.take(now):
+                raise AuthError(Refusal.cooldown(handshakes.wait_for(now), RefusalKind.HANDSHAKE_RATE))
             # the nonce is on disk (with a store) before the Welcome leaves: a
             # restart cannot make this auth frame usable again
             await self.save_guard()
@@ -287,7 +305,9 @@ class ValidatorWebSocketManager(Manager):
             await ws.send_message(refusal_frame(refusal, self.keypair, frame))
             await close_quietly(ws, CloseCode.POLICY, refusal.text(), self.settings.close_timeout)
             return None
-        return self._connection(ws, info.hotkey, info.features), info
+        budgets = self._frame_budgets
+        bucket = budgets.bucket(info.hotkey, trio.current_time()) if budgets is not None else None
+        return self._connection(ws, info.hotkey, info.features, bucket=bucket), info
 
     async def _wait_out_cooldown(self, frame: Any, hold_until: float) -> None:
         """Refuse a hotkey still cooling down, before its signature is checked.
@@ -345,6 +365,8 @@ class ValidatorWebSocketManager(Manager):
                 del self._connections[conn.hotkey]
             if conn.protocol.closing == FLOODED:
                 self._cooldown.ban(conn.hotkey, trio.current_time())
+                if conn.protocol.bucket is not None:
+                    conn.protocol.bucket.strikes = 0  # the ban is the penalty; then a clean slate
                 if self._cooldown.seconds > 0:
                     log.warning(
                         "miner %s closed for flooding: refused for %g s",

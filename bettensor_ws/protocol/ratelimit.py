@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-__all__ = ["FloodCooldown", "TokenBucket"]
+__all__ = ["Budgets", "FloodCooldown", "TokenBucket"]
 
 
 class TokenBucket:
@@ -27,6 +27,11 @@ class TokenBucket:
         self.tokens = float(burst)
         self.updated = now
         self.strikes = 0
+
+    def wait_for(self, now: float, n: int = 1) -> float:
+        """Seconds until ``n`` tokens are there (0 if they are now)."""
+        tokens = min(float(self.burst), self.tokens + max(0.0, now - self.updated) * self.rate)
+        return max(0.0, (n - tokens) / self.rate)
 
     def take(self, now: float, n: int = 1) -> bool:
         """Spend ``n`` tokens if there are that many; False (and a strike) if not."""
@@ -96,3 +101,37 @@ class FloodCooldown:
             if end > now:
                 return
             del until[hotkey]
+
+
+class Budgets:
+    """One :class:`TokenBucket` per hotkey, kept across that hotkey's connections.
+
+    A budget that lived and died with a connection was reset by reconnecting:
+    fresh connections with a burst each let one hotkey send 70 times its rate.
+    Bounded: past ``max_hotkeys`` the least recently used budget is forgotten
+    (only verified hotkeys get one, and a subnet has 256 UIDs).
+    """
+
+    __slots__ = ("rate", "burst", "max_hotkeys", "_buckets")
+
+    def __init__(self, rate: float, burst: int, *, max_hotkeys: int = 16_384) -> None:
+        if rate <= 0 or burst < 1 or max_hotkeys < 1:
+            raise ValueError("rate must be positive, burst and max_hotkeys at least 1")
+        self.rate = rate
+        self.burst = burst
+        self.max_hotkeys = max_hotkeys
+        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def bucket(self, hotkey: str, now: float) -> TokenBucket:
+        """``hotkey``'s bucket (a full one the first time it is asked for)."""
+        bucket = self._buckets.get(hotkey)
+        if bucket is None:
+            bucket = self._buckets[hotkey] = TokenBucket(self.rate, self.burst, now=now)
+            while len(self._buckets) > self.max_hotkeys:
+                self._buckets.popitem(last=False)
+        else:
+            self._buckets.move_to_end(hotkey)
+        return bucket

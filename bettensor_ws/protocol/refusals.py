@@ -79,6 +79,7 @@ class RefusalKind(enum.Enum):
     WRONG_AUDIENCE = ("wrong audience", "auth frame addressed to another validator", False)
     NO_AUDIENCE = ("no audience", "auth frame names no audience; this validator requires one", False)
     FLOOD_COOLDOWN = ("flood cooldown", "flood cooldown: retry in {detail} s", True)
+    HANDSHAKE_RATE = ("handshake rate", "too many handshakes: retry in {detail} s", True)
     IMPOSTOR = ("impostor", "welcome not signed by the expected validator hotkey", False)
     BAD_WELCOME = ("bad welcome", "bad welcome: {detail}", False)
     WRONG_SESSION = ("wrong session", "welcome not made for this handshake: {detail}", False)
@@ -145,17 +146,18 @@ class Refusal:
                 if kind.suffix and detail.endswith(kind.suffix):
                     detail = detail[: -len(kind.suffix)]
                 retry_after = None
-                if kind is RefusalKind.FLOOD_COOLDOWN:
+                if kind in (RefusalKind.FLOOD_COOLDOWN, RefusalKind.HANDSHAKE_RATE):
                     hint = _RETRY_HINT.search(shown)
                     retry_after = float(hint.group(1)) if hint else None
                 return cls(kind, detail if kind.has_detail else "", retry_after)
         return cls(RefusalKind.MALFORMED, shown)
 
     @classmethod
-    def cooldown(cls, seconds_left: float) -> Refusal:
-        """A hotkey still cooling down after a flood, told when to come back."""
-        seconds = math.ceil(seconds_left)
-        return cls(RefusalKind.FLOOD_COOLDOWN, str(seconds), float(seconds))
+    def cooldown(cls, seconds_left: float, kind: RefusalKind = RefusalKind.FLOOD_COOLDOWN) -> Refusal:
+        """A hotkey still cooling down after a flood (or over its handshake
+        budget), told when to come back."""
+        seconds = max(1, math.ceil(seconds_left))
+        return cls(kind, str(seconds), float(seconds))
 
 
 def _close_reason(reason: object) -> str:

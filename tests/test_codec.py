@@ -345,8 +345,8 @@ def test_prediction_needs_an_id() -> None:
         ("error", {"message": 3}, "data.message: expected a string"),
         (
             "prediction",
-            {"predictions": [{"prediction_id": "a"}, {"prediction_id": 3}]},
-            "data.predictions[1].prediction_id: expected a string, got 3",
+            {"predictions": [{"prediction_id": "a"}] * 1001},
+            "data.predictions: 1001 predictions over the limit of 1000",
         ),
     ],
 )

@@ -310,9 +310,15 @@ def test_batch_prediction_views() -> None:
 
 
 def test_batch_prediction_error_names_the_item() -> None:
-    data = {"predictions": [dict(PREDICTION), {"prediction_id": 3}]}
-    with pytest.raises(DecodeError, match=r"data\.predictions\[1\]\.prediction_id"):
-        decode(envelope("prediction", data))
+    """A batch decodes whatever its items; each bad item is named by item_problems."""
+    data = {"predictions": [dict(PREDICTION), {"prediction_id": 3}, {**PREDICTION, "model_name": "x" * 5000}]}
+    message = decode(envelope("prediction", data))
+    assert isinstance(message, PredictionMessage)
+    problems = message.item_problems()
+    assert problems[0] is None
+    assert problems[1] is not None and problems[1].startswith("data.predictions[1].prediction_id")
+    assert problems[2] is not None and "over the limit of 4096 bytes" in problems[2]
+    assert [p.prediction_id for p in message.predictions] == [PREDICTION["prediction_id"]]
 
 
 def test_game_update_games_view() -> None:

@@ -372,24 +372,25 @@ def test_rules_are_checked_in_order_removing_one_fault_at_a_time() -> None:
     assert seen == list(REASONS)
 
 
-def test_daily_limit_counts_per_utc_day_of_receipt(tmp_path: Path) -> None:
-    """Exactly 1000 in a UTC day is allowed, 0.01 more is not; the next UTC day starts afresh."""
+def test_daily_limit_counts_per_utc_day_of_the_prediction(tmp_path: Path) -> None:
+    """Exactly 1000 in a UTC day is allowed, 0.01 more is not; the next UTC day starts afresh.
+    The day is the prediction's own date (here: made and received at the same moment)."""
     store = ValidatorStore(tmp_path / "v.db")
     try:
         store.upsert_games([game(event_start_date="2024-06-03T00:00:00+00:00")])
         late = datetime(2024, 6, 1, 23, 59, 59, tzinfo=UTC)
-        assert store.submit("m", [prediction(prediction_id="a", wager=600.0)], now=late)[0]["status"] == "success"
-        assert store.submit("m", [prediction(prediction_id="b", wager=400.0)], now=late)[0]["status"] == "success"
-        refused = store.submit("m", [prediction(prediction_id="c", wager=0.01)], now=late)[0]
+        assert store.submit("m", [prediction(prediction_id="a", wager=600.0, prediction_date=late.isoformat())], now=late)[0]["status"] == "success"
+        assert store.submit("m", [prediction(prediction_id="b", wager=400.0, prediction_date=late.isoformat())], now=late)[0]["status"] == "success"
+        refused = store.submit("m", [prediction(prediction_id="c", wager=0.01, prediction_date=late.isoformat())], now=late)[0]
         assert (refused["status"], refused["message"]) == ("error", DAILY_LIMIT)
         # another miner has its own limit
-        assert store.submit("other", [prediction(prediction_id="d", wager=1000.0)], now=late)[0]["status"] == "success"
+        assert store.submit("other", [prediction(prediction_id="d", wager=1000.0, prediction_date=late.isoformat())], now=late)[0]["status"] == "success"
         # a second after midnight UTC is a new day (even though it is still June 1st at UTC-5)
         after = datetime(2024, 6, 1, 19, 0, 1, tzinfo=timezone(timedelta(hours=-5)))
         assert utc_day(after) == "2024-06-02"
-        fresh = store.submit("m", [prediction(prediction_id="f", wager=1000.0)], now=after)[0]
+        fresh = store.submit("m", [prediction(prediction_id="f", wager=1000.0, prediction_date=after.isoformat())], now=after)[0]
         assert (fresh["status"], fresh["message"]) == ("success", "Prediction accepted")
-        over = store.submit("m", [prediction(prediction_id="e", wager=0.01)], now=after)[0]
+        over = store.submit("m", [prediction(prediction_id="e", wager=0.01, prediction_date=after.isoformat())], now=after)[0]
         assert over["message"] == DAILY_LIMIT
     finally:
         store.close()

@@ -438,12 +438,14 @@ def test_v3_database_migrates_to_per_miner_prediction_ids(bob: Keypair, tmp_path
 
     store = ValidatorStore(path)
     try:
-        assert store.version == 4
-        assert store.db.execute("PRAGMA user_version").fetchone()[0] == 4
+        assert store.version == len(ValidatorStore.migrations) == 5
+        assert store.db.execute("PRAGMA user_version").fetchone()[0] == 5
         after = {
             table: [dict(r) for r in store.db.execute(f"SELECT * FROM {table} ORDER BY prediction_id")]
             for table in ("predictions", "rejections")
         }
+        for row in after["rejections"]:  # schema 5 adds the hash; old rows keep the whole body
+            assert row.pop("body_hash") is None
         assert after == before
         for table in ("predictions", "rejections"):
             key = sorted(

@@ -127,7 +127,7 @@ def test_wal_synchronous_full_and_current_version(tmp_path: Path, kind: Any) -> 
 
 
 def test_validator_schema(vstore: ValidatorStore) -> None:
-    assert vstore.version == len(ValidatorStore.migrations) == 4
+    assert vstore.version == len(ValidatorStore.migrations) == 5
     assert {
         "prediction_id",
         "miner_hotkey",
@@ -376,18 +376,28 @@ def test_same_id_with_other_content_is_an_error_and_ids_are_per_miner(vstore: Va
 
 def test_refusal_is_answered_the_same_on_resend(vstore: ValidatorStore) -> None:
     """A resent refused prediction gets its first answer, though the rules would now differ."""
-    refused = prediction("late", "nope", wager=500.0)
-    assert answer(vstore.submit("miner", [refused], now=NOW)[0]) == ("late", "error", UNKNOWN_GAME)
-    # now the day's limit would refuse it first, and even later the game becomes known
+    vstore.upsert_games([game("g2", starts=NOW + timedelta(minutes=30))])
+    refused = prediction("late", "g2", predicted_outcome="Spurs", wager=500.0)
+    assert answer(vstore.submit("miner", [refused], now=NOW)[0]) == ("late", "error", BAD_OUTCOME)
+    # now the day's limit would refuse it first, and later still the game has started
     assert vstore.submit("miner", [prediction("big", wager=600.0)], now=NOW)[0]["status"] == "success"
-    assert answer(vstore.submit("miner", [refused], now=NOW)[0]) == ("late", "error", UNKNOWN_GAME)
-    vstore.upsert_games([game("nope")])
-    assert answer(vstore.submit("miner", [refused], now=NOW)[0]) == ("late", "error", UNKNOWN_GAME)
+    assert answer(vstore.submit("miner", [refused], now=NOW)[0]) == ("late", "error", BAD_OUTCOME)
+    later = NOW + timedelta(hours=1)
+    assert answer(vstore.submit("miner", [refused], now=later)[0]) == ("late", "error", BAD_OUTCOME)
     # its id is taken: other content is an error, and nothing is stored
     assert answer(vstore.submit("miner", [prediction("late", wager=1.0)], now=NOW)[0]) == ("late", "error", REUSED)
     assert vstore.prediction_ids() == {"big"}
-    # another miner's "late" is judged on its own, by today's rules (the game is known now)
-    assert answer(vstore.submit("thief", [refused], now=NOW)[0])[1] == "success"
+    # another miner's "late" is judged on its own
+    assert answer(vstore.submit("thief", [refused], now=NOW)[0]) == ("late", "error", BAD_OUTCOME)
+
+
+def test_a_refusal_that_can_heal_is_not_final(vstore: ValidatorStore) -> None:
+    """'game unknown' is not recorded: once the validator knows the game, a resend is accepted."""
+    refused = prediction("early", "nope")
+    assert answer(vstore.submit("miner", [refused], now=NOW)[0]) == ("early", "error", UNKNOWN_GAME)
+    assert vstore.db.execute("SELECT COUNT(*) FROM rejections").fetchone()[0] == 0
+    vstore.upsert_games([game("nope")])
+    assert answer(vstore.submit("miner", [refused], now=NOW)[0]) == ("early", "success", ACCEPTED)
 
 
 def test_duplicate_within_one_batch(vstore: ValidatorStore) -> None:
@@ -417,7 +427,8 @@ def test_daily_limit_counts_stored_wagers(vstore: ValidatorStore) -> None:
     assert vstore.submit("other", [prediction("f", wager=1000.0)], now=NOW)[0]["status"] == "success"
     tomorrow = NOW + timedelta(days=1)
     vstore.upsert_games([game("g3", starts=tomorrow + timedelta(hours=1))])
-    assert vstore.submit("miner", [prediction("g", "g3", wager=1000.0)], now=tomorrow)[0]["status"] == "success"
+    dated_tomorrow = prediction("g", "g3", wager=1000.0, prediction_date=tomorrow.isoformat())
+    assert vstore.submit("miner", [dated_tomorrow], now=tomorrow)[0]["status"] == "success"
     assert vstore.per_miner() == [("miner", 4, 2000.0), ("other", 1, 1000.0)]
 
 

@@ -7,7 +7,7 @@ wagers so far today, and the caller decides what to do with the verdict.
 from __future__ import annotations
 
 import math
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from ..protocol.replay import parse_timestamp
@@ -15,7 +15,9 @@ from ..protocol.replay import parse_timestamp
 __all__ = [
     "DAILY_WAGER_LIMIT",
     "REASONS",
+    "HEALABLE",
     "check_prediction",
+    "prediction_day",
     "prediction_id_of",
     "utc_day",
 ]
@@ -41,17 +43,49 @@ REASONS = (
     BAD_CONFIDENCE,
 )
 
+HEALABLE = frozenset({UNKNOWN_GAME})
+"""Refusals that the same prediction may outgrow (the validator may learn the game
+later): never recorded as final by the validator, kept pending by the miner."""
+
+BACKDATE_TOLERANCE = timedelta(hours=24)
+FUTURE_TOLERANCE = timedelta(minutes=5)
+
 _REQUIRED = ("game_id", "predicted_outcome", "wager")
 
 
-def prediction_id_of(data: dict[str, Any]) -> str | None:
+def prediction_id_of(data: Any) -> str | None:
     """The prediction's id, under the reference's key or the seed's ``id``."""
+    if not isinstance(data, dict):
+        return None
     value = data.get("prediction_id", data.get("id"))
     return value if isinstance(value, str) and value else None
 
 
 def utc_day(moment: datetime) -> str:
     return moment.astimezone(UTC).date().isoformat()
+
+
+def prediction_day(data: Any, received: datetime) -> str:
+    """The UTC day a prediction's wager counts on, the same at miner and validator.
+
+    It is the prediction's own ``prediction_date``, so a prediction made on day
+    D and delivered after midnight (a validator down across it) still counts on
+    D, as the miner counted it; clamped to between 24 h before and 5 min after
+    receipt (``received``), so back-dating can reach at most yesterday's budget.
+    Without a readable date, the day of receipt.
+    """
+    moment = received
+    raw = data.get("prediction_date") if isinstance(data, dict) else None
+    if isinstance(raw, str):
+        try:
+            stamp = parse_timestamp(raw)
+        except (ValueError, OverflowError):
+            stamp = None
+        if stamp is not None:
+            low = (received - BACKDATE_TOLERANCE).timestamp()
+            high = (received + FUTURE_TOLERANCE).timestamp()
+            moment = datetime.fromtimestamp(min(max(stamp, low), high), UTC)
+    return utc_day(moment)
 
 
 def _number(value: Any) -> float | None:

@@ -7,6 +7,7 @@ never blocks on a disk sync and the rules see one consistent order.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -14,14 +15,15 @@ import sqlite3
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import orjson
 
 from ..protocol.payloads import TeamGame, converter
-from .rules import check_prediction, prediction_id_of, utc_day
+from ..protocol.refusals import bounded
+from .rules import HEALABLE, check_prediction, prediction_day, prediction_id_of, utc_day
 
 __all__ = [
     "KNOWN_GAME_CACHE_SIZE",
@@ -67,6 +69,21 @@ CREATE TABLE IF NOT EXISTS games (
     event_start_date TEXT NOT NULL, active INTEGER, outcome TEXT,
     team_a_odds REAL, team_b_odds REAL, tie_odds REAL, can_tie INTEGER
 )"""
+
+
+REFUSAL_EXCERPT = 200
+"""Characters of a refused prediction's body kept (with a hash of the whole, for resends)."""
+
+REFUSAL_RETENTION = timedelta(days=3)
+"""How long a refusal is remembered: a resend within it gets the same answer."""
+
+MAX_RECORDED_REFUSALS = 1000
+"""Refusals recorded per miner per day; past it a refusal is answered, not kept,
+and a resend is judged again. Bounds what a miner can write to the validator's disk."""
+
+
+def _digest(body: str) -> str:
+    return hashlib.sha256(body.encode("utf-8")).hexdigest()
 
 
 def canonical(data: dict[str, Any]) -> str:
@@ -289,6 +306,12 @@ class ValidatorStore(_Store):
             _SEEN_NONCES_TABLE,
             _SEEN_NONCES_INDEX,
         ),
+        (
+            # Refusals in bounded form (an excerpt and a hash of the body), expiring.
+            "ALTER TABLE rejections ADD COLUMN body_hash TEXT",
+            "CREATE INDEX rejections_received ON rejections (received_at)",
+            "CREATE INDEX rejections_miner_received ON rejections (miner_hotkey, received_at)",
+        ),
     )
 
     ACCEPTED = "Prediction accepted"
@@ -301,6 +324,8 @@ class ValidatorStore(_Store):
         self._known_games: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._unknown_games: OrderedDict[str, None] = OrderedDict()
         self._day_wagers: dict[tuple[str, str], float] = {}
+        self._recorded_refusals: dict[tuple[str, str], int] = {}
+        self._expired_on: str | None = None
 
     def upsert_games(self, games: Iterable[TeamGame | dict[str, Any]]) -> list[str]:
         rows = list(games)
@@ -375,7 +400,13 @@ class ValidatorStore(_Store):
                     if pid
                 ]
             )
-            batch.wagered = self._wagered({hotkey for hotkey, _ in jobs}, batch.day)
+            batch.wagered = self._wagered(
+                {
+                    (hotkey, prediction_day(data, batch.moment))
+                    for hotkey, predictions in jobs
+                    for data in predictions
+                }
+            )
             results = [self._decide(batch, hotkey, predictions) for hotkey, predictions in jobs]
             _insert_rows(
                 db,
@@ -384,10 +415,25 @@ class ValidatorStore(_Store):
                 batch.accepted,
             )
             _insert_rows(
-                db, "rejections (prediction_id, miner_hotkey, body, message, received_at)", batch.refused
+                db,
+                "rejections (prediction_id, miner_hotkey, body, message, received_at, body_hash)",
+                batch.refused,
             )
-        self._day_wagers.update(((h, batch.day), total) for h, total in batch.wagered.items())
+            self._expire_refusals(batch.moment)
+        self._day_wagers.update(batch.wagered)
+        for hotkey, count in batch.recorded.items():
+            self._recorded_refusals[(hotkey, batch.day)] = count
         return results
+
+    def _expire_refusals(self, moment: datetime) -> None:
+        """Once a day, forget refusals older than :data:`REFUSAL_RETENTION`."""
+        day = utc_day(moment)
+        if day == self._expired_on:
+            return
+        cutoff = (moment - REFUSAL_RETENTION).isoformat()
+        self.db.execute("DELETE FROM rejections WHERE received_at < ?", (cutoff,))
+        self._expired_on = day
+        self._recorded_refusals = {k: v for k, v in self._recorded_refusals.items() if k[1] == day}
 
     def _decide(
         self, batch: _Batch, miner_hotkey: str, predictions: Sequence[dict[str, Any]]
@@ -395,43 +441,61 @@ class ValidatorStore(_Store):
         """Answer one job's predictions against what the group has seen so far."""
         results: list[PredictionResult] = []
         answered = batch.answered
-        wagered = batch.wagered.get(miner_hotkey, 0.0)
         for data in predictions:
             pid = prediction_id_of(data)
             body = canonical(data)
+            digest = _digest(body)
             old = answered.get((miner_hotkey, pid)) if pid is not None else None
             if old is not None:
-                if old[0] == body:
+                if old[0] == digest:
                     results.append(_result(pid, old[1], old[2]))
                 else:
                     results.append(
                         _result(pid, "error", "prediction_id already used for another prediction")
                     )
                 continue
-            key = str(data.get("game_id"))
+            day = prediction_day(data, batch.moment)
+            wagered = batch.wagered.get((miner_hotkey, day), 0.0)
             reason = check_prediction(
                 data, game=self._game_for(data.get("game_id")), wagered_today=wagered, now=batch.moment
             )
             if reason is not None:
-                if pid is not None:
-                    batch.refused.append((pid, miner_hotkey, body, reason, batch.received_at))
-                    answered[(miner_hotkey, pid)] = (body, "error", reason)
+                if pid is not None and reason not in HEALABLE and self._may_record(batch, miner_hotkey):
+                    batch.refused.append(
+                        (pid, miner_hotkey, bounded(body, REFUSAL_EXCERPT), reason, batch.received_at, digest)
+                    )
+                    answered[(miner_hotkey, pid)] = (digest, "error", reason)
                 results.append(_result(pid, "error", reason))
                 continue
             assert pid is not None
             wager = float(data["wager"])
             batch.accepted.append(
-                (pid, miner_hotkey, key, wager, str(data["predicted_outcome"]), body,
-                 batch.received_at, batch.day, "success", self.ACCEPTED)
+                (pid, miner_hotkey, str(data.get("game_id")), wager, str(data["predicted_outcome"]), body,
+                 batch.received_at, day, "success", self.ACCEPTED)
             )
-            answered[(miner_hotkey, pid)] = (body, "success", self.ACCEPTED)
-            wagered += wager
+            answered[(miner_hotkey, pid)] = (digest, "success", self.ACCEPTED)
+            batch.wagered[(miner_hotkey, day)] = wagered + wager
             results.append(_result(pid, "success", self.ACCEPTED))
-        batch.wagered[miner_hotkey] = wagered
         return results
 
+    def _may_record(self, batch: _Batch, miner_hotkey: str) -> bool:
+        """Whether this miner may have one more refusal recorded today (bounded disk)."""
+        count = batch.recorded.get(miner_hotkey)
+        if count is None:
+            count = self._recorded_refusals.get((miner_hotkey, batch.day))
+            if count is None:
+                count = int(self.db.execute(
+                    "SELECT COUNT(*) FROM rejections WHERE miner_hotkey=? AND received_at >= ?",
+                    (miner_hotkey, batch.day),
+                ).fetchone()[0])
+        if count >= MAX_RECORDED_REFUSALS:
+            return False
+        batch.recorded[miner_hotkey] = count + 1
+        return True
+
     def _answered(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], tuple[str, str, str]]:
-        """(body, status, message) already recorded for any of the (miner, id) ``keys``."""
+        """(digest of the body, status, message) already recorded for any of the
+        (miner, id) ``keys``."""
         found: dict[tuple[str, str], tuple[str, str, str]] = {}
         by_miner: dict[str, list[str]] = {}
         for hotkey, pid in dict.fromkeys(keys):
@@ -442,30 +506,35 @@ class ValidatorStore(_Store):
                 chunk = ids[start : start + per_query]
                 marks = ",".join("?" * len(chunk))
                 for row in self.db.execute(
-                    "SELECT prediction_id, body, 'error', message FROM rejections "
+                    "SELECT prediction_id, body, 'error', message, body_hash FROM rejections "
                     f"WHERE miner_hotkey=? AND prediction_id IN ({marks}) UNION ALL "
-                    "SELECT prediction_id, body, status, message FROM predictions "
+                    "SELECT prediction_id, body, status, message, NULL FROM predictions "
                     f"WHERE miner_hotkey=? AND prediction_id IN ({marks})",
                     [hotkey, *chunk, hotkey, *chunk],
                 ):
-                    found[(hotkey, row[0])] = (row[1], row[2], row[3])
+                    # rows from before schema 5 keep the whole body and no hash
+                    found[(hotkey, row[0])] = (row[4] or _digest(row[1]), row[2], row[3])
         return found
 
-    def _wagered(self, hotkeys: set[str], day: str) -> dict[str, float]:
-        """Each miner's stored wagers on ``day``; summed from disk once, then kept up to date."""
-        totals = {h: self._day_wagers[(h, day)] for h in hotkeys if (h, day) in self._day_wagers}
-        missing = sorted(hotkeys - totals.keys())
-        if missing:
-            if len(self._day_wagers) > 100_000:  # old days: forget rather than grow
-                self._day_wagers.clear()
-            marks = ",".join("?" * len(missing))
-            totals.update(dict.fromkeys(missing, 0.0))
-            for hotkey, total in self.db.execute(
-                "SELECT miner_hotkey, SUM(wager) FROM predictions "
-                f"WHERE day=? AND miner_hotkey IN ({marks}) GROUP BY miner_hotkey",
-                [day, *missing],
-            ):
-                totals[hotkey] = float(total)
+    def _wagered(self, pairs: set[tuple[str, str]]) -> dict[tuple[str, str], float]:
+        """Each (miner, day)'s stored wagers; summed from disk once, then kept up to date."""
+        totals = {pair: self._day_wagers[pair] for pair in pairs if pair in self._day_wagers}
+        missing: dict[str, list[str]] = {}
+        for hotkey, day in sorted(pairs - totals.keys()):
+            missing.setdefault(day, []).append(hotkey)
+        if missing and len(self._day_wagers) > 100_000:  # old days: forget rather than grow
+            self._day_wagers.clear()
+        for day, hotkeys in missing.items():
+            totals.update(dict.fromkeys(((h, day) for h in hotkeys), 0.0))
+            for start in range(0, len(hotkeys), _MAX_PARAMS - 1):
+                chunk = hotkeys[start : start + _MAX_PARAMS - 1]
+                marks = ",".join("?" * len(chunk))
+                for hotkey, total in self.db.execute(
+                    "SELECT miner_hotkey, SUM(wager) FROM predictions "
+                    f"WHERE day=? AND miner_hotkey IN ({marks}) GROUP BY miner_hotkey",
+                    [day, *chunk],
+                ):
+                    totals[(hotkey, day)] = float(total)
         return totals
 
     def prediction(self, prediction_id: str, miner_hotkey: str | None = None) -> dict[str, Any] | None:
@@ -524,8 +593,9 @@ class _Batch:
         self.moment = moment
         self.day = utc_day(moment)
         self.received_at = moment.isoformat()
-        self.wagered: dict[str, float] = {}
+        self.wagered: dict[tuple[str, str], float] = {}
         self.answered: dict[tuple[str, str], tuple[str, str, str]] = {}
+        self.recorded: dict[str, int] = {}
         self.accepted: list[tuple[Any, ...]] = []
         self.refused: list[tuple[Any, ...]] = []
 

@@ -83,21 +83,37 @@ class ValidatorNode(ValidatorWebSocketManager):
         miner's next frames are read meanwhile.
         """
         assert isinstance(message, PredictionMessage)
-        predictions = message.raw_predictions()
+        items = message.raw_predictions()
+        problems = message.item_problems()
+        # a batch is judged item by item: a malformed item is answered with its
+        # own error, and its neighbours are stored and confirmed
+        predictions = [item for item, problem in zip(items, problems, strict=True) if problem is None]
         is_batch = message.is_batch
-        if self._committing and isinstance(websocket, LinkConnection):
+
+        def merged(results: list[PredictionResult] | None) -> list[PredictionResult]:
+            good = iter(results or _internal_errors(predictions))
+            return [
+                next(good) if problem is None
+                else PredictionResult(prediction_id=prediction_id_of(item), status="error", message=problem)
+                for item, problem in zip(items, problems, strict=True)
+            ]
+
+        if not predictions:
+            results = merged([])
+        elif self._committing and isinstance(websocket, LinkConnection):
             conn = websocket
 
             def answer(results: list[PredictionResult] | None) -> None:
-                conn.queue_results(results or _internal_errors(predictions))
+                conn.queue_results(merged(results))
 
             await self.committer.enqueue(websocket.hotkey, predictions, answer)
             return
-        try:  # without serve() (a handler test, a MockWebSocket): commit on its own
-            results = await self.db.run(self.store.submit, websocket.hotkey, predictions)
-        except Exception:
-            log.exception("storing %d predictions from %s failed", len(predictions), websocket.hotkey)
-            results = _internal_errors(predictions)
+        else:
+            try:  # without serve() (a handler test, a MockWebSocket): commit on its own
+                results = merged(await self.db.run(self.store.submit, websocket.hotkey, predictions))
+            except Exception:
+                log.exception("storing %d predictions from %s failed", len(predictions), websocket.hotkey)
+                results = merged(None)
         if isinstance(websocket, LinkConnection) and BATCH in websocket.features:
             await websocket.send_results(results)
         elif is_batch:

@@ -15,6 +15,7 @@ from types import MappingProxyType
 from typing import Any, ClassVar
 
 import attrs
+import orjson
 
 from .errors import DecodeError, MessageTypeConflict
 from .payloads import (
@@ -37,6 +38,7 @@ __all__ = [
     "WelcomeMessage",
     "message_class",
     "message_types",
+    "prediction_problem",
     "now_iso",
     "new_nonce",
 ]
@@ -195,10 +197,34 @@ def _init_params(cls: type[WebSocketMessage]) -> tuple[frozenset[str], bool]:
     return names, takes_kwargs
 
 
+MAX_PREDICTION_BYTES = 4096
+"""Largest prediction accepted, as compact JSON: a TeamGamePrediction is about 500
+bytes; anything much larger is a peer storing its own data on the validator's disk."""
+
+MAX_BATCH = 1000
+"""Most predictions one batched frame may carry."""
+
+
 def _check_prediction(raw: Any, path: str) -> None:
     if type(raw) is dict and "prediction_id" not in raw and "id" in raw:
         raw = {**raw, "prediction_id": raw["id"]}
     check_payload(raw, TeamGamePrediction, path)
+    size = len(orjson.dumps(raw))
+    if size > MAX_PREDICTION_BYTES:
+        raise DecodeError(f"{path}: prediction of {size} bytes over the limit of {MAX_PREDICTION_BYTES} bytes")
+
+
+def prediction_problem(raw: Any, path: str = "prediction") -> str | None:
+    """Why ``raw`` is not a prediction (its shape, its types, its size), or None.
+
+    Judges one item alone: a batch is answered item by item, so one bad
+    prediction costs only itself.
+    """
+    try:
+        _check_prediction(raw, path)
+    except DecodeError as exc:
+        return str(exc)
+    return None
 
 
 def _prediction_view(raw: Any, path: str) -> TeamGamePrediction:
@@ -220,13 +246,16 @@ class PredictionMessage(WebSocketMessage):
 
     @classmethod
     def validate_data(cls, data: dict[str, Any]) -> None:
-        """Check every prediction (cheaply: no objects built); views come on first use."""
+        """A single prediction is checked whole (a bad one refuses the frame); a
+        batch only as a batch: its items are judged one by one (:meth:`item_problems`)."""
         batch = data.get("predictions")
         if isinstance(batch, list) and "prediction_id" not in data and "id" not in data:
             if not batch:
                 raise DecodeError("data.predictions: a batch needs at least one prediction")
-            for i, item in enumerate(batch):
-                _check_prediction(item, f"data.predictions[{i}]")
+            if len(batch) > MAX_BATCH:
+                raise DecodeError(
+                    f"data.predictions: {len(batch)} predictions over the limit of {MAX_BATCH}"
+                )
         else:
             _check_prediction(data, "data")
         return None
@@ -235,8 +264,18 @@ class PredictionMessage(WebSocketMessage):
     def build_view(cls, data: dict[str, Any]) -> list[TeamGamePrediction]:
         batch = data.get("predictions")
         if isinstance(batch, list) and "prediction_id" not in data and "id" not in data:
-            return [_prediction_view(item, f"data.predictions[{i}]") for i, item in enumerate(batch)]
+            return [
+                _prediction_view(item, f"data.predictions[{i}]")
+                for i, item in enumerate(batch)
+                if prediction_problem(item, f"data.predictions[{i}]") is None
+            ]
         return [_prediction_view(data, "data")]
+
+    def item_problems(self) -> list[str | None]:
+        """Per prediction carried, in order: why it is not one, or None."""
+        if not self.is_batch:
+            return [None]
+        return [prediction_problem(item, f"data.predictions[{i}]") for i, item in enumerate(self.data["predictions"])]
 
     @property
     def is_batch(self) -> bool:
@@ -246,7 +285,7 @@ class PredictionMessage(WebSocketMessage):
 
     @property
     def predictions(self) -> list[TeamGamePrediction]:
-        """Every prediction this message carries (one, or a batch)."""
+        """Every well-formed prediction this message carries (one, or a batch's good items)."""
         views: list[TeamGamePrediction] = self._typed()
         return views
 

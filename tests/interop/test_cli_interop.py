@@ -391,18 +391,22 @@ def test_batch_gets_one_result_per_prediction_in_order(validator: Validator) -> 
     ]
 
 
-def test_batch_with_one_value_of_the_wrong_type_is_refused_whole(validator: Validator) -> None:
-    """The frame is refused as a whole, naming the item; nothing in it is stored."""
-    batch = [prediction(), prediction(wager="1")]
+def test_batch_with_one_value_of_the_wrong_type_is_judged_item_by_item(validator: Validator) -> None:
+    """One bad item costs only itself: it is answered with the field and what is wrong,
+    and its neighbour is stored and confirmed, in order, in one confirmation."""
+    good, bad = prediction(), prediction(wager="1")
     sent, frame = run_session(
-        validator.url, fresh_miner(), lambda s: _refusal(s, {"predictions": batch}), features=["batch"]
+        validator.url, fresh_miner(), lambda s: _refusal(s, {"predictions": [good, bad]}), features=["batch"]
     )
-    assert frame["type"] == "error" and verify_envelope(frame), frame
-    assert frame["data"] == {
-        "message": "data.predictions[1].wager: expected a number, got '1'",
-        "refused_nonce": sent["nonce"],
-    }
-    assert all(validator.stored(p["prediction_id"]) is None for p in batch)
+    assert frame["type"] == "confirmation" and verify_envelope(frame), frame
+    results = frame["data"]["results"]
+    assert [(r["prediction_id"], r["status"]) for r in results] == [
+        (good["prediction_id"], "success"),
+        (bad["prediction_id"], "error"),
+    ]
+    assert results[1]["message"] == "data.predictions[1].wager: expected a number, got '1'"
+    assert validator.stored(good["prediction_id"]) is not None
+    assert validator.stored(bad["prediction_id"]) is None
 
 
 def test_sigterm_with_a_miner_connected(tmp_path: Path) -> None:

@@ -211,6 +211,8 @@ async def test_welcome_is_signed_by_the_validator(alice: Keypair, bob: Keypair, 
             "status": "success",
             "miner_hotkey": bob.ss58_address,
             "auth_nonce": welcome.data["auth_nonce"],
+            "max_message_size": 1 << 20,
+            "max_prediction_bytes": 4096,
         }
         assert validator.connected_hotkeys == [bob.ss58_address]
         conn = validator.connection(bob.ss58_address)

@@ -530,10 +530,18 @@ def test_counts_per_validator(mstore: MinerStore) -> None:
 
 
 def test_wagered_today(mstore: MinerStore) -> None:
-    mstore.add_predictions([prediction("a", wager=2.5), prediction("b", wager=1.5)], ["V1"])
-    mstore.add_predictions([prediction("old", wager=100.0)], ["V1"])
+    """Counted by each prediction's own date, as the validator counts it; per validator too."""
+    today = datetime.now(UTC).isoformat()
+    mstore.add_predictions([prediction("a", wager=2.5, prediction_date=today)], ["V1"])
+    mstore.add_predictions([prediction("b", wager=1.5, prediction_date=today)], ["V1", "V2"])
+    mstore.add_predictions([prediction("old", wager=100.0, prediction_date=today)], ["V1"])
     mstore.db.execute("UPDATE predictions SET created_at='2000-01-01T00:00:00+00:00' WHERE prediction_id='old'")
+    # made yesterday (dated so): not today's budget
+    yesterday = (datetime.now(UTC) - timedelta(days=1)).isoformat()
+    mstore.add_predictions([prediction("y", wager=50.0, prediction_date=yesterday)], ["V1"])
     assert mstore.wagered_today() == 4.0
+    assert mstore.wagered_today("V1") == 4.0
+    assert mstore.wagered_today("V2") == 1.5
 
 
 async def test_db_thread_runs_calls_one_at_a_time(mstore: MinerStore) -> None:

@@ -125,6 +125,7 @@ class Manager:
         *,
         bound: bool = False,
         bucket: TokenBucket | None = None,
+        peer_max_size: int | None = None,
     ) -> LinkConnection:
         protocol = LinkProtocol(
             role=self.ROLE,
@@ -138,6 +139,7 @@ class Manager:
             handled=self.dispatcher.handlers,
             bound=bound,
             bucket=bucket,
+            peer_max_size=peer_max_size,
         )
         return LinkConnection(ws, protocol, self.dispatcher)
 

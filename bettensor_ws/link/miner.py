@@ -267,7 +267,9 @@ class MinerWebSocketManager(Manager):
             auth_nonce=auth["nonce"],
         )
         bound = MINER_HOTKEY in welcome.data
-        return self._connection(ws, validator_hotkey, welcome.features, bound=bound)
+        announced = welcome.data.get("max_message_size")
+        peer_max = announced if type(announced) is int and announced > 0 else None
+        return self._connection(ws, validator_hotkey, welcome.features, bound=bound, peer_max_size=peer_max)
 
     async def _run_connection(self, conn: LinkConnection) -> None:
         self._connections[conn.hotkey] = conn

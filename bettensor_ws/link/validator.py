@@ -19,7 +19,13 @@ from ..protocol.codec import loads_checked
 from ..protocol.errors import AuthError, DecodeError
 from ..protocol.identity import canonical_hotkey
 from ..protocol.link import MINER_HOTKEY, ConnectionSettings, Role
-from ..protocol.messages import GameUpdateMessage, WebSocketMessage, WelcomeMessage, now_iso
+from ..protocol.messages import (
+    MAX_PREDICTION_BYTES,
+    GameUpdateMessage,
+    WebSocketMessage,
+    WelcomeMessage,
+    now_iso,
+)
 from ..protocol.payloads import TeamGame, converter
 from ..protocol.ratelimit import Budgets, FloodCooldown
 from ..protocol.refusals import (
@@ -338,6 +344,9 @@ class ValidatorWebSocketManager(Manager):
             "status": "success",
             MINER_HOTKEY: conn.hotkey,
             "auth_nonce": info.nonce,
+            # the limits a miner must respect, so it never sends what would be refused
+            "max_message_size": self.settings.max_message_size,
+            "max_prediction_bytes": MAX_PREDICTION_BYTES,
         }
         if self.features:
             welcome["features"] = list(self.features)

@@ -40,12 +40,14 @@ class _DemoMiner(MinerNode):
         self.predicting = True
         self.busy = 0
 
-    async def trigger_predictions_for_updated_games(self, games: Sequence[dict[str, Any]]) -> list[str]:
+    async def trigger_predictions_for_updated_games(
+        self, games: Sequence[dict[str, Any]], validator_hotkey: str | None = None
+    ) -> list[str]:
         if not self.predicting:
             return []
         self.busy += 1
         try:
-            return await super().trigger_predictions_for_updated_games(games)
+            return await super().trigger_predictions_for_updated_games(games, validator_hotkey)
         finally:
             self.busy -= 1
 

@@ -26,13 +26,14 @@ from ..protocol.messages import (
     PredictionMessage,
     WebSocketMessage,
     now_iso,
+    prediction_problem,
 )
 from ..protocol.ratelimit import TokenBucket
-from ..protocol.refusals import Refusal
+from ..protocol.refusals import Refusal, bounded
 from ..protocol.signing import Signer, sign
 from .dbthread import DbThread
 from .guardstore import GuardKeeper
-from .rules import DAILY_WAGER_LIMIT
+from .rules import DAILY_WAGER_LIMIT, HEALABLE, prediction_id_of
 from .store import MinerStore
 
 __all__ = ["MinerNode", "Strategy", "favourite_strategy"]
@@ -161,11 +162,18 @@ class MinerNode(MinerWebSocketManager):
         assert isinstance(message, ConfirmationMessage)
         # "Internal server error" is the validator failing, not a verdict: the
         # prediction stays pending and goes again.
+        # Neither is a refusal that can heal: "game unknown" on a game this very
+        # validator sent us (it lost it, and will learn it again). Those stay
+        # pending and go again after retry_after; on any other game it is final.
         results = [
             (r.prediction_id, r.status, r.message)
             for r in message.results
             if r.prediction_id and not (r.status == "error" and r.message == INTERNAL_ERROR)
         ]
+        healable = [pid for pid, status, text in results if status == "error" and text in HEALABLE]
+        if healable:
+            keep = await self.db.run(self.store.games_sent_by, websocket.hotkey, healable)
+            results = [r for r in results if r[0] not in keep]
         await self.db.run(self.store.record_results, websocket.hotkey, results)
         outbox = self._outboxes.get(websocket.hotkey)
         now = trio.current_time()
@@ -238,40 +246,74 @@ class MinerNode(MinerWebSocketManager):
         log.info("stored %d games from validator %s after a storage fault", len(games), validator_hotkey)
 
     async def _take_games(self, validator_hotkey: str, games: list[dict[str, Any]]) -> None:
-        changed = await self.db.run(self.store.upsert_games, games)
+        """Store one validator's games and predict on them, for that validator alone:
+        a game id means that validator's game, and each validator has its own budget."""
+        changed = await self.db.run(self.store.upsert_validator_games, validator_hotkey, games)
         # New or changed games, and any stored game still unpredicted: a link that
         # dropped (or a miner killed) between storing an update and predicting on it
         # would otherwise never predict that game, its resends being "unchanged".
-        predicted = await self.db.run(self.store.predicted_games)
+        predicted = await self.db.run(self.store.predicted_games, validator_hotkey)
         wanted = set(changed) | {str(g["game_id"]) for g in games if str(g["game_id"]) not in predicted}
         if wanted:
             await self.trigger_predictions_for_updated_games(
-                [g for g in games if str(g["game_id"]) in wanted]
+                [g for g in games if str(g["game_id"]) in wanted], validator_hotkey
             )
 
-    async def trigger_predictions_for_updated_games(self, games: Sequence[dict[str, Any]]) -> list[str]:
-        """Ask the strategy about new or changed games; store what it predicts, then send."""
+    async def trigger_predictions_for_updated_games(
+        self, games: Sequence[dict[str, Any]], validator_hotkey: str | None = None
+    ) -> list[str]:
+        """Ask the strategy about new or changed games; store what it predicts, then send.
+
+        With ``validator_hotkey``, the games are that validator's: the predictions
+        go to it alone, within its daily budget. Without, to every validator.
+        """
         async with self._predicting:
-            predicted = await self.db.run(self.store.predicted_games)
+            predicted = await self.db.run(self.store.predicted_games, validator_hotkey)
             # keyed by id: a game listed twice in one update is still predicted once
             fresh = list({str(g["game_id"]): g for g in games if str(g["game_id"]) not in predicted}.values())
             if not fresh:
                 return []
-            candidates = self.strategy(fresh)
-            budget = DAILY_WAGER_LIMIT - await self.db.run(self.store.wagered_today)
+            try:
+                candidates = self.strategy(fresh)
+            except Exception:
+                log.exception("the strategy failed on %d games; none predicted this round", len(fresh))
+                return []
+            budget = DAILY_WAGER_LIMIT - await self.db.run(self.store.wagered_today, validator_hotkey)
             chosen = []
-            for prediction in candidates:
-                wager = float(prediction.get("wager", 0))
+            for prediction in self._well_formed(candidates):
+                wager = float(prediction["wager"])
                 if wager <= budget:
                     chosen.append(prediction)
                     budget -= wager
-            return await self.submit_predictions(chosen)
+            targets = [validator_hotkey] if validator_hotkey is not None else list(self.validators)
+            return await self._store_predictions(chosen, targets)
+
+    @staticmethod
+    def _well_formed(predictions: Sequence[Any]) -> list[dict[str, Any]]:
+        """The predictions a validator could accept as such; each other one is
+        dropped alone, with a WARNING saying why, before it enters the outbox."""
+        kept = []
+        for prediction in predictions:
+            problem = prediction_problem(prediction)
+            if problem is None and prediction_id_of(prediction) is None:
+                problem = "prediction: needs a prediction_id"
+            if problem is not None:
+                game = prediction.get("game_id") if isinstance(prediction, dict) else None
+                log.warning("dropped a prediction (game %s): %s", bounded(game, 64), problem)
+                continue
+            kept.append(prediction)
+        return kept
 
     async def submit_predictions(self, predictions: Sequence[dict[str, Any]]) -> list[str]:
-        """Store predictions as pending for every validator, then wake the outboxes."""
+        """Store predictions as pending for every validator, then wake the outboxes.
+
+        A malformed or oversize prediction is dropped alone, with a WARNING."""
+        return await self._store_predictions(self._well_formed(predictions), list(self.validators))
+
+    async def _store_predictions(self, predictions: list[dict[str, Any]], validators: list[str]) -> list[str]:
         if not predictions:
             return []
-        added = await self.db.run(self.store.add_predictions, list(predictions), list(self.validators))
+        added = await self.db.run(self.store.add_predictions, predictions, validators)
         for outbox in self._outboxes.values():
             outbox.poke()
         return added

@@ -622,7 +622,65 @@ class MinerStore(_Store):
             "CREATE INDEX IF NOT EXISTS deliveries_pending ON deliveries (validator_hotkey, state)",
         ),
         (_SEEN_NONCES_TABLE, _SEEN_NONCES_INDEX),
+        (
+            # A game id means that validator's game: each validator's games apart.
+            """CREATE TABLE validator_games (
+                validator_hotkey TEXT NOT NULL, game_id TEXT NOT NULL, body TEXT NOT NULL,
+                updated_at TEXT NOT NULL, PRIMARY KEY (validator_hotkey, game_id)) WITHOUT ROWID""",
+        ),
     )
+
+    def upsert_validator_games(self, validator_hotkey: str, games: Iterable[dict[str, Any]]) -> list[str]:
+        """Store one validator's games; returns the ids that are new or changed there.
+
+        Another validator's game of the same id is another game: a validator that
+        renames the teams of a game id changes nothing of what another said.
+        """
+        changed = []
+        now = _now().isoformat()
+        with transaction(self.db):
+            for game in games:
+                game_id = str(game.get("game_id"))
+                body = canonical(game)
+                old = self.db.execute(
+                    "SELECT body FROM validator_games WHERE validator_hotkey=? AND game_id=?",
+                    (validator_hotkey, game_id),
+                ).fetchone()
+                if old is not None and old[0] == body:
+                    continue
+                self.db.execute(
+                    "INSERT OR REPLACE INTO validator_games (validator_hotkey, game_id, body, updated_at) "
+                    "VALUES (?, ?, ?, ?)",
+                    (validator_hotkey, game_id, body, now),
+                )
+                changed.append(game_id)
+        return changed
+
+    def games_sent_by(self, validator_hotkey: str, prediction_ids: Iterable[str]) -> set[str]:
+        """Which of ``prediction_ids`` are on a game that validator itself sent us."""
+        ids = list(prediction_ids)
+        found: set[str] = set()
+        for start in range(0, len(ids), _MAX_PARAMS - 1):
+            chunk = ids[start : start + _MAX_PARAMS - 1]
+            marks = ",".join("?" * len(chunk))
+            found.update(
+                r[0]
+                for r in self.db.execute(
+                    "SELECT p.prediction_id FROM predictions p JOIN validator_games g "
+                    "ON g.game_id = p.game_id AND g.validator_hotkey = ? "
+                    f"WHERE p.prediction_id IN ({marks})",
+                    [validator_hotkey, *chunk],
+                )
+            )
+        return found
+
+    def validator_games(self, validator_hotkey: str) -> list[dict[str, Any]]:
+        return [
+            json.loads(r[0])
+            for r in self.db.execute(
+                "SELECT body FROM validator_games WHERE validator_hotkey=? ORDER BY game_id", (validator_hotkey,)
+            )
+        ]
 
     def add_predictions(
         self, predictions: Sequence[dict[str, Any]], validators: Iterable[str]
@@ -683,17 +741,42 @@ class MinerStore(_Store):
                 changed += cursor.rowcount
         return changed
 
-    def predicted_games(self) -> set[str]:
-        return {r[0] for r in self.db.execute("SELECT game_id FROM predictions")}
+    def predicted_games(self, validator_hotkey: str | None = None) -> set[str]:
+        """Game ids predicted on (for that validator, when given)."""
+        if validator_hotkey is None:
+            return {r[0] for r in self.db.execute("SELECT game_id FROM predictions")}
+        return {
+            r[0]
+            for r in self.db.execute(
+                "SELECT DISTINCT p.game_id FROM predictions p JOIN deliveries d USING (prediction_id) "
+                "WHERE d.validator_hotkey=?",
+                (validator_hotkey,),
+            )
+        }
 
-    def wagered_today(self) -> float:
-        day = utc_day(_now())
+    def wagered_today(self, validator_hotkey: str | None = None, now: datetime | None = None) -> float:
+        """Wagers counting on today (by each prediction's own date, as the validator
+        counts them), sent to that validator when given, else all."""
+        moment = now or _now()
+        day = utc_day(moment)
+        since = (moment - timedelta(days=2)).isoformat()
+        if validator_hotkey is None:
+            rows = self.db.execute(
+                "SELECT body, created_at FROM predictions WHERE created_at >= ?", (since,)
+            )
+        else:
+            rows = self.db.execute(
+                "SELECT p.body, p.created_at FROM predictions p JOIN deliveries d USING (prediction_id) "
+                "WHERE d.validator_hotkey=? AND p.created_at >= ?",
+                (validator_hotkey, since),
+            )
         total = 0.0
-        for (body,) in self.db.execute(
-            "SELECT body FROM predictions WHERE substr(created_at, 1, 10)=?", (day,)
-        ):
-            wager = json.loads(body).get("wager", 0)
-            if isinstance(wager, int | float) and math.isfinite(wager):
+        for body, created_at in rows:
+            data = json.loads(body)
+            if prediction_day(data, datetime.fromisoformat(created_at)) != day:
+                continue
+            wager = data.get("wager", 0)
+            if isinstance(wager, int | float) and not isinstance(wager, bool) and math.isfinite(wager):
                 total += float(wager)
         return total
 

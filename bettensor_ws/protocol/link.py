@@ -185,6 +185,7 @@ class LinkProtocol:
         handled: Container[str] = frozenset(),
         bucket: TokenBucket | None = None,
         bound: bool = False,
+        peer_max_size: int | None = None,
     ) -> None:
         self.role = role
         self._signer = signer
@@ -192,6 +193,8 @@ class LinkProtocol:
         self.peer_hotkey = peer_hotkey
         self.bound = bound
         """The validator named this miner in its Welcome: its confirmations must too."""
+        self.peer_max_size = peer_max_size
+        """The largest frame the peer said it reads (its Welcome's ``max_message_size``)."""
         self.settings = settings
         self.features = features
         self._guard = guard

@@ -28,6 +28,8 @@ from .payloads import (
 )
 
 __all__ = [
+    "MAX_BATCH",
+    "MAX_PREDICTION_BYTES",
     "ConfirmationMessage",
     "ErrorMessage",
     "GameUpdateMessage",

@@ -12,7 +12,7 @@ from trio_websocket import WebSocketConnection
 
 from ..protocol.dispatch import Connection, Dispatcher, Handler
 from ..protocol.identity import canonical_hotkey
-from ..protocol.link import ConnectionSettings, Frame, LinkProtocol, Role
+from ..protocol.link import ConnectionSettings, Frame, LinkProtocol, PeerLimits, Role
 from ..protocol.messages import WebSocketMessage
 from ..protocol.ratelimit import TokenBucket
 from ..protocol.refusals import INTERNAL
@@ -125,7 +125,7 @@ class Manager:
         *,
         bound: bool = False,
         bucket: TokenBucket | None = None,
-        peer_max_size: int | None = None,
+        peer_limits: PeerLimits | None = None,
     ) -> LinkConnection:
         protocol = LinkProtocol(
             role=self.ROLE,
@@ -139,7 +139,7 @@ class Manager:
             handled=self.dispatcher.handlers,
             bound=bound,
             bucket=bucket,
-            peer_max_size=peer_max_size,
+            peer_limits=peer_limits,
         )
         return LinkConnection(ws, protocol, self.dispatcher)
 

@@ -22,7 +22,7 @@ from ..protocol.auth import build_auth, check_answer
 from ..protocol.backoff import Backoff
 from ..protocol.errors import HandshakeRefused
 from ..protocol.identity import canonical_hotkey
-from ..protocol.link import MINER_HOTKEY, ConnectionSettings, Role
+from ..protocol.link import MINER_HOTKEY, ConnectionSettings, PeerLimits, Role
 from ..protocol.messages import WebSocketMessage
 from ..protocol.refusals import GOING_AWAY, CloseCode, RefusalKind, bounded
 from ..protocol.signing import Signer
@@ -267,9 +267,8 @@ class MinerWebSocketManager(Manager):
             auth_nonce=auth["nonce"],
         )
         bound = MINER_HOTKEY in welcome.data
-        announced = welcome.data.get("max_message_size")
-        peer_max = announced if type(announced) is int and announced > 0 else None
-        return self._connection(ws, validator_hotkey, welcome.features, bound=bound, peer_max_size=peer_max)
+        limits = PeerLimits.announced(welcome.data)
+        return self._connection(ws, validator_hotkey, welcome.features, bound=bound, peer_limits=limits)
 
     async def _run_connection(self, conn: LinkConnection) -> None:
         self._connections[conn.hotkey] = conn

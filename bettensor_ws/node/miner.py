@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+from collections import deque
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import orjson
 import trio
 
 from ..link.connection import BATCH, LinkClosed, LinkConnection
@@ -82,6 +84,14 @@ def favourite_strategy(wager: float = 1.0, miner_uid: str = "0", model_name: str
     return predict
 
 
+DEFAULT_PEER_MAX_SIZE = 1 << 20
+"""A validator that announces no limit (a reference one) is sent frames of at most 1 MiB."""
+
+ENVELOPE_ROOM = 2048
+"""Bytes kept for the envelope around the predictions (type, sender, timestamp, nonce,
+signature, the batch's own keys), with room to spare."""
+
+
 class _Outbox:
     """One validator's in-flight window: what was sent and not yet answered."""
 
@@ -136,7 +146,8 @@ class MinerNode(MinerWebSocketManager):
         # per validator, the last game update a storage fault kept out (one each)
         self._unstored_games: dict[str, list[dict[str, Any]]] = {}
         self.sent_at: dict[str, float] = {}
-        self.latencies: list[float] = []
+        # the latest confirmation latencies (first send to answer), for the demo and metrics
+        self.latencies: deque[float] = deque(maxlen=100_000)
         # one prediction round at a time: updates from several validators must not
         # both see a game as unpredicted and predict it twice
         self._predicting = trio.Lock()
@@ -358,9 +369,10 @@ class MinerNode(MinerWebSocketManager):
                     log.warning("reading the outbox for %s failed (%s); retrying", connection.hotkey, exc)
                     wait = 1.0
             if pending:
+                pending = await self._settle_unfittable(connection, pending)
+            if pending:
                 if batched:
-                    for start in range(0, len(pending), self.batch_size):
-                        chunk = pending[start : start + self.batch_size]
+                    for chunk in self._chunks(connection, pending):
                         await self._send(connection, outbox, chunk, {"predictions": chunk})
                 else:
                     for prediction in pending:
@@ -370,6 +382,52 @@ class MinerNode(MinerWebSocketManager):
                         await self._send(connection, outbox, [prediction], prediction)
             with trio.move_on_after(wait):
                 await outbox.wake.wait()
+
+    @staticmethod
+    def _frame_room(connection: LinkConnection) -> int:
+        """Bytes of predictions one frame to this validator may carry."""
+        limit = connection.protocol.peer_limits.max_message_size or DEFAULT_PEER_MAX_SIZE
+        return limit - ENVELOPE_ROOM
+
+    async def _settle_unfittable(
+        self, connection: LinkConnection, pending: list[dict[str, Any]]
+    ) -> list[dict[str, Any]]:
+        """Settle as rejected, with a WARNING, each prediction no frame to this
+        validator can carry (over its frame or prediction limit); the rest go on."""
+        limits = connection.protocol.peer_limits
+        room = self._frame_room(connection)
+        if limits.max_prediction_bytes is not None:
+            room = min(room, limits.max_prediction_bytes)
+        fits, refused = [], []
+        for prediction in pending:
+            size = len(orjson.dumps(prediction))
+            if size <= room:
+                fits.append(prediction)
+            else:
+                reason = f"prediction of {size} bytes over the limit of {room} bytes this validator accepts"
+                refused.append((str(prediction.get("prediction_id")), "error", reason))
+                log.warning("prediction %s never fits validator %s: %s",
+                            bounded(prediction.get("prediction_id"), 64), connection.hotkey, reason)
+        if refused:
+            await self.db.run(self.store.record_results, connection.hotkey, refused)
+        return fits
+
+    def _chunks(self, connection: LinkConnection, pending: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+        """Batches of at most ``batch_size`` predictions that each fit one frame."""
+        room = self._frame_room(connection)
+        chunks: list[list[dict[str, Any]]] = []
+        chunk: list[dict[str, Any]] = []
+        used = 0
+        for prediction in pending:
+            size = len(orjson.dumps(prediction)) + 1
+            if chunk and (len(chunk) >= self.batch_size or used + size > room):
+                chunks.append(chunk)
+                chunk, used = [], 0
+            chunk.append(prediction)
+            used += size
+        if chunk:
+            chunks.append(chunk)
+        return chunks
 
     async def _send(
         self, connection: LinkConnection, outbox: _Outbox, predictions: list[dict[str, Any]], data: dict[str, Any]

@@ -48,6 +48,7 @@ __all__ = [
     "Frame",
     "Ignore",
     "LinkProtocol",
+    "PeerLimits",
     "MINER_HOTKEY",
     "Refuse",
     "Role",
@@ -107,6 +108,23 @@ class ConnectionSettings:
     @property
     def strikes_allowed(self) -> int:
         return self.flood_strikes if self.flood_strikes is not None else max(self.rate_burst, 20)
+
+
+def _announced(value: object) -> int | None:
+    return value if type(value) is int and value > 0 else None
+
+
+@attrs.frozen
+class PeerLimits:
+    """Sizes a validator announces in its Welcome; None where it said nothing
+    (a reference validator)."""
+
+    max_message_size: int | None = None
+    max_prediction_bytes: int | None = None
+
+    @classmethod
+    def announced(cls, data: dict[str, Any]) -> PeerLimits:
+        return cls(_announced(data.get("max_message_size")), _announced(data.get("max_prediction_bytes")))
 
 
 @attrs.frozen
@@ -185,7 +203,7 @@ class LinkProtocol:
         handled: Container[str] = frozenset(),
         bucket: TokenBucket | None = None,
         bound: bool = False,
-        peer_max_size: int | None = None,
+        peer_limits: PeerLimits | None = None,
     ) -> None:
         self.role = role
         self._signer = signer
@@ -193,8 +211,8 @@ class LinkProtocol:
         self.peer_hotkey = peer_hotkey
         self.bound = bound
         """The validator named this miner in its Welcome: its confirmations must too."""
-        self.peer_max_size = peer_max_size
-        """The largest frame the peer said it reads (its Welcome's ``max_message_size``)."""
+        self.peer_limits = peer_limits or PeerLimits()
+        """What the peer said it accepts (a validator's Welcome announces it)."""
         self.settings = settings
         self.features = features
         self._guard = guard

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-from collections import deque
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any

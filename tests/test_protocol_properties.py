@@ -37,6 +37,7 @@ from bettensor_ws.protocol.link import (
     Frame,
     Ignore,
     LinkProtocol,
+    PeerLimits,
     Refuse,
     Role,
     Verdict,
@@ -83,6 +84,7 @@ SCALARS: tuple[type, ...] = (
     ReplayGuard,
     Stats,
     TokenBucket,
+    PeerLimits,
     frozenset,
     Keypair,
 )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import weakref
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,10 @@ __all__ = ["ValidatorNode"]
 
 log = logging.getLogger("bettensor_ws.node")
 
+JOBS_PER_PEER = 4
+"""Prediction frames of one miner queued for the disk at once (each up to 1,000
+predictions of 4 KiB); its next frame waits for a slot."""
+
 
 class ValidatorNode(ValidatorWebSocketManager):
     """A validator manager with a SQLite store and the seed's prediction flow.
@@ -52,6 +57,7 @@ class ValidatorNode(ValidatorWebSocketManager):
         self.db = DbThread()
         self.committer = GroupCommitter(self.store.submit_many, self.db)
         self.guard_keeper = GuardKeeper(self.guard, self.store, self.db)
+        self._job_slots: weakref.WeakKeyDictionary[LinkConnection, trio.Semaphore] = weakref.WeakKeyDictionary()
         self._committing = False
         self.register_handler("prediction", self.handle_prediction)
         self.on_connect(self.send_upcoming_games)
@@ -102,11 +108,23 @@ class ValidatorNode(ValidatorWebSocketManager):
             results = merged([])
         elif self._committing and isinstance(websocket, LinkConnection):
             conn = websocket
+            # At most JOBS_PER_PEER of one miner's frames wait for the disk: its
+            # reader waits for the rest (backpressure), so what one peer holds in
+            # memory is bounded whatever the committer's queue would take.
+            slots = self._job_slots.get(conn)
+            if slots is None:
+                slots = self._job_slots[conn] = trio.Semaphore(JOBS_PER_PEER)
+            await slots.acquire()
 
             def answer(results: list[PredictionResult] | None) -> None:
+                slots.release()
                 conn.queue_results(merged(results))
 
-            await self.committer.enqueue(websocket.hotkey, predictions, answer)
+            try:
+                await self.committer.enqueue(websocket.hotkey, predictions, answer)
+            except BaseException:
+                slots.release()
+                raise
             return
         else:
             try:  # without serve() (a handler test, a MockWebSocket): commit on its own

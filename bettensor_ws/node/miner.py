@@ -23,6 +23,7 @@ from ..link.outbound import Frame
 from ..link.transport import plain_errors
 from ..protocol.dispatch import INTERNAL_ERROR, Connection
 from ..protocol.messages import (
+    MAX_BATCH,
     ConfirmationMessage,
     GameUpdateMessage,
     PredictionMessage,
@@ -35,7 +36,7 @@ from ..protocol.refusals import Refusal, bounded
 from ..protocol.signing import Signer, sign
 from .dbthread import DbThread
 from .guardstore import GuardKeeper
-from .rules import DAILY_WAGER_LIMIT, HEALABLE, prediction_id_of
+from .rules import DAILY_WAGER_LIMIT, HEALABLE, check_own_data
 from .store import MinerStore
 
 __all__ = ["MinerNode", "Strategy", "favourite_strategy"]
@@ -306,8 +307,8 @@ class MinerNode(MinerWebSocketManager):
         kept = []
         for prediction in predictions:
             problem = prediction_problem(prediction)
-            if problem is None and prediction_id_of(prediction) is None:
-                problem = "prediction: needs a prediction_id"
+            if problem is None:
+                problem = check_own_data(prediction)
             if problem is not None:
                 game = prediction.get("game_id") if isinstance(prediction, dict) else None
                 log.warning("dropped a prediction (game %s): %s", bounded(game, 64), problem)
@@ -369,7 +370,10 @@ class MinerNode(MinerWebSocketManager):
                     log.warning("reading the outbox for %s failed (%s); retrying", connection.hotkey, exc)
                     wait = 1.0
             if pending:
+                read = len(pending)
                 pending = await self._settle_unfittable(connection, pending)
+                if len(pending) < read:
+                    wait = 0.0  # settled some: the window has room for the next at once
             if pending:
                 if batched:
                     for chunk in self._chunks(connection, pending):
@@ -413,14 +417,15 @@ class MinerNode(MinerWebSocketManager):
         return fits
 
     def _chunks(self, connection: LinkConnection, pending: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
-        """Batches of at most ``batch_size`` predictions that each fit one frame."""
+        """Batches of at most ``batch_size`` (and ``MAX_BATCH``) predictions that each fit one frame."""
         room = self._frame_room(connection)
+        most = min(self.batch_size, MAX_BATCH)
         chunks: list[list[dict[str, Any]]] = []
         chunk: list[dict[str, Any]] = []
         used = 0
         for prediction in pending:
             size = len(orjson.dumps(prediction)) + 1
-            if chunk and (len(chunk) >= self.batch_size or used + size > room):
+            if chunk and (len(chunk) >= most or used + size > room):
                 chunks.append(chunk)
                 chunk, used = [], 0
             chunk.append(prediction)

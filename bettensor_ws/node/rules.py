@@ -16,6 +16,7 @@ __all__ = [
     "DAILY_WAGER_LIMIT",
     "REASONS",
     "HEALABLE",
+    "check_own_data",
     "check_prediction",
     "prediction_day",
     "prediction_id_of",
@@ -94,6 +95,17 @@ def _number(value: Any) -> float | None:
     return float(value)
 
 
+def check_own_data(data: dict[str, Any]) -> str | None:
+    """The rules a prediction breaks on its own, game and day aside: what a miner
+    checks before sending it (``missing data``, a wager that is not positive)."""
+    if prediction_id_of(data) is None or any(data.get(k) in (None, "") for k in _REQUIRED):
+        return MISSING_DATA
+    wager = _number(data["wager"])
+    if wager is None or not math.isfinite(wager) or wager <= 0:
+        return BAD_WAGER
+    return None
+
+
 def check_prediction(
     data: dict[str, Any],
     *,
@@ -102,11 +114,10 @@ def check_prediction(
     now: datetime,
 ) -> str | None:
     """None when the prediction is acceptable, else the first rule it breaks."""
-    if prediction_id_of(data) is None or any(data.get(k) in (None, "") for k in _REQUIRED):
-        return MISSING_DATA
-    wager = _number(data["wager"])
-    if wager is None or not math.isfinite(wager) or wager <= 0:
-        return BAD_WAGER
+    reason = check_own_data(data)
+    if reason is not None:
+        return reason
+    wager = float(data["wager"])
     if wagered_today + wager > DAILY_WAGER_LIMIT + 1e-9:
         return DAILY_LIMIT
     if game is None:

@@ -361,9 +361,18 @@ def test_optional_numbers_may_be_null() -> None:
 
 
 def test_unknown_payload_keys_are_kept() -> None:
-    data = {"prediction_id": "p", "future_field": {"a": 1}}
+    data = {"prediction_id": "p", "future_field": "a"}
     decoded = decode(text(data=data))
     assert decoded.data == data
+
+
+def test_a_prediction_field_is_a_scalar_and_there_are_few() -> None:
+    """Nested or numerous extras would cost the validator ten times their size in memory."""
+    with pytest.raises(DecodeError, match=r"data\.future_field: expected a number, string, boolean or null"):
+        decode(text(data={"prediction_id": "p", "future_field": {"a": 1}}))
+    many = {"prediction_id": "p", **{f"k{i}": i for i in range(40)}}
+    with pytest.raises(DecodeError, match="41 fields over the limit of 32"):
+        decode(text(data=many))
 
 
 def test_decoded_frame_is_the_same_json() -> None:

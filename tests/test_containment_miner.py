@@ -261,7 +261,8 @@ async def test_a_batch_is_judged_item_by_item(
     """Scenario 5a: a raw batch of 20 with confidence_score "0.9" in one item, sent to a
     serving ValidatorNode: 20 results in order, 19 success, the bad one an error naming
     data.predictions[7].confidence_score; 19 stored. With the batch feature, one
-    confirmation; without it (a reference peer), one confirmation per prediction."""
+    confirmation; without it (a reference peer), one confirmation listing all 20 (the
+    seed's batch answer)."""
     validator = ValidatorNode(alice, tmp_path / "validator.db")
     games = upcoming_games(20)
     validator.store.upsert_games(games)
@@ -284,7 +285,7 @@ async def test_a_batch_is_judged_item_by_item(
                         assert verify(answer) and answer.sender == alice.ss58_address
                         confirmations += 1
                         results.extend((r.prediction_id, r.status, r.message) for r in answer.results)
-            assert confirmations == (1 if features else 20)
+            assert confirmations == 1
             assert [pid for pid, _, _ in results] == [p["prediction_id"] for p in items]
             assert [status for _, status, _ in results] == ["success"] * 7 + ["error"] + ["success"] * 12
             assert results[7][2] == "data.predictions[7].confidence_score: expected a number, got '0.9'"

@@ -17,6 +17,7 @@ import logging
 import os
 import resource
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -35,8 +36,12 @@ from bittensor_wallet import Keypair
 
 import bettensor_ws.node.store as store_module
 from bettensor_ws.node import MinerNode, ValidatorNode
+from bettensor_ws.node.dbthread import DbThread
+from bettensor_ws.node.guardstore import GuardKeeper
 from bettensor_ws.node.rules import DAILY_LIMIT, UNKNOWN_GAME, prediction_day, utc_day
 from bettensor_ws.node.store import MinerStore, ValidatorStore
+from bettensor_ws.protocol.messages import now_iso
+from bettensor_ws.protocol.replay import ReplayGuard
 from tests.helpers import make_game
 from tests.test_cli import (
     ALICE,
@@ -246,8 +251,6 @@ def test_miner_counts_its_budget_on_the_same_days_as_the_validator(tmp_path: Pat
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -406,6 +409,11 @@ def disk_full_at(limit: int) -> Iterator[None]:
         signal.signal(signal.SIGXFSZ, previous)
 
 
+def wal_size(store: ValidatorStore | MinerStore) -> int:
+    """The size of a store's write-ahead log: a limit there makes its next commit fail."""
+    return os.path.getsize(store.path + "-wal")
+
+
 def read_only_connect(path: str | Path) -> sqlite3.Connection:
     """``store.connect`` for a database this process cannot write (we run as root, so
     file modes do not stop us: the URI's mode=ro does)."""
@@ -445,7 +453,7 @@ sys.exit(main(sys.argv[1:]))
 """``bettensor-ws ARGS`` with every database opened read-only."""
 
 
-def run_python(code: str, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+def run_python(code: str, *args: str, timeout: float = 20.0) -> subprocess.CompletedProcess[str]:
     env = _env()
     env["PYTHONDONTWRITEBYTECODE"] = "1"
     return subprocess.run(
@@ -538,7 +546,7 @@ def _locked_start(args: Callable[[Path], list[str]], make_db: Callable[[Path], P
     def run(tmp: Path) -> subprocess.CompletedProcess[str]:
         db = make_db(tmp)
         with locked(db):
-            return run_cli(*args(db))
+            return run_cli(*args(db), timeout=20.0)
 
     return run
 
@@ -553,7 +561,7 @@ def _immutable_start(tmp: Path) -> subprocess.CompletedProcess[str] | None:
     if not marked:
         return None
     try:
-        return run_cli(*_validator_args(tmp))
+        return run_cli(*_validator_args(tmp), timeout=20.0)
     finally:
         subprocess.run(["chattr", "-i", str(db)], capture_output=True)
 
@@ -588,11 +596,11 @@ START_FAULTS: dict[str, tuple[Callable[[Path], subprocess.CompletedProcess[str] 
     ),
     "validator, immutable file": (_immutable_start, ("cannot open database", "v.db", "readonly")),
     "validator, directory missing": (
-        lambda tmp: run_cli(*_validator_args(tmp / "nosuch")),
+        lambda tmp: run_cli(*_validator_args(tmp / "nosuch"), timeout=20.0),
         ("cannot open database", "nosuch", "unable to open database file"),
     ),
     "validator, db is a directory": (
-        lambda tmp: run_cli(*_validator_args(_mkdir(tmp / "v.db").parent)),
+        lambda tmp: run_cli(*_validator_args(_mkdir(tmp / "v.db").parent), timeout=20.0),
         ("cannot open database", "v.db", "unable to open database file"),
     ),
     "validator, full disk": (
@@ -616,9 +624,24 @@ def start_fault_results(
 ) -> dict[str, subprocess.CompletedProcess[str] | None]:
     """Every START_FAULTS case, run concurrently (the locked ones wait out busy_timeout)."""
     dirs = [tmp_path_factory.mktemp(f"start{i}") for i in range(len(START_FAULTS))]
+
+    def outcome(
+        case: tuple[Callable[[Path], subprocess.CompletedProcess[str] | None], tuple[str, ...]], tmp: Path
+    ) -> subprocess.CompletedProcess[str] | None:
+        try:
+            return case[0](tmp)
+        except subprocess.TimeoutExpired as exc:  # it started and kept running
+            return subprocess.CompletedProcess(
+                exc.cmd, -1, _text(exc.stdout), _text(exc.stderr) + f"(still running after {exc.timeout:g} s)"
+            )
+
     with ThreadPoolExecutor(max_workers=len(START_FAULTS)) as pool:
-        runs = pool.map(lambda pair: pair[0][0](pair[1]), zip(START_FAULTS.values(), dirs, strict=True))
+        runs = pool.map(outcome, START_FAULTS.values(), dirs)
         return dict(zip(START_FAULTS, runs, strict=True))
+
+
+def _text(output: str | bytes | None) -> str:
+    return output.decode("utf-8", "replace") if isinstance(output, bytes) else output or ""
 
 
 @pytest.mark.parametrize("case", list(START_FAULTS))
@@ -686,8 +709,7 @@ def test_a_full_disk_reports_the_first_cause_and_heals(tmp_path: Path, operation
     ops = _write_ops(tmp_path)
     try:
         store, write, check = ops[operation]
-        wal = Path(store.path + "-wal")
-        with disk_full_at(os.path.getsize(wal)), pytest.raises(sqlite3.OperationalError) as caught:
+        with disk_full_at(wal_size(store)), pytest.raises(sqlite3.OperationalError) as caught:
             write()
         message = str(caught.value)
         assert "cannot rollback" not in message
@@ -698,6 +720,15 @@ def test_a_full_disk_reports_the_first_cause_and_heals(tmp_path: Path, operation
     finally:
         for store, _, _ in {id(op[0]): op for op in ops.values()}.values():
             store.close()
+
+
+def predicted_on_disk(path: Path) -> set[str]:
+    """The game ids a miner's database holds predictions on, read by a connection of our own."""
+    ro = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=10)
+    try:
+        return {r[0] for r in ro.execute("SELECT game_id FROM predictions")}
+    finally:
+        ro.close()
 
 
 async def test_miner_predicts_on_a_game_update_that_arrived_while_its_database_was_locked(
@@ -737,7 +768,6 @@ async def test_miner_predicts_on_a_game_update_that_arrived_while_its_database_w
                 await trio.to_thread.run_sync(held.wait)
                 taken = trio.current_time()
                 assert await validator.update_games(games) == 1
-                updates_sent = validator.stats()["frames_out"]["game_update"]
 
                 def warned() -> bool:
                     return any(
@@ -746,19 +776,41 @@ async def test_miner_predicts_on_a_game_update_that_arrived_while_its_database_w
                     )
 
                 await eventually(lambda: holds(warned), limit=BUSY_TIMEOUT + WAIT, what="a WARNING")
-                assert await miner.db.run(miner.store.predicted_games) == set()
+                assert miner.stats()["frames_in"].get("game_update") == 1
+                # read beside the miner (its one DB thread waits on the lock): nothing predicted yet
+                assert predicted_on_disk(miner_db) == set()
                 await trio.sleep(max(0.0, taken + LOCK_HOLD - trio.current_time()))  # the lock outlasts a retry
-                assert await miner.db.run(miner.store.predicted_games) == set()
+                assert predicted_on_disk(miner_db) == set()
             finally:
                 release.set()
                 await trio.to_thread.run_sync(locker.join)
 
             await eventually(lambda: all_settled([node], len(games)), what="predictions after the lock")
             assert await miner.db.run(miner.store.predicted_games) == {g["game_id"] for g in games}
-            assert validator.stats()["frames_out"]["game_update"] == updates_sent
+            assert miner.stats()["frames_in"].get("game_update") == 1  # no new update was needed
             assert validator.connection(miner.hotkey) is link
             assert miner.stats()["reconnects"] == 0
             assert any("after a storage fault" in r.getMessage() for r in caplog.records)
             nursery.cancel_scope.cancel()
     finally:
         close_all(*[n for n in (validator, miner) if n is not None])
+
+
+def test_replay_guard_entries_from_a_storage_fault_are_saved_once_it_passes(tmp_path: Path) -> None:
+    """Scenario 8, the replay guard: entries recorded while the disk is full (an auth nonce
+    the validator means to have on disk before its Welcome, validator.py "the nonce is on
+    disk ... before the Welcome leaves") are saved once space returns, so a restart cannot
+    make those frames usable again. Today the failed save is logged and its rows are gone."""
+    store = ValidatorStore(tmp_path / "v.db")
+    try:
+        guard = ReplayGuard(300.0)
+        guard.journal()
+        keeper = GuardKeeper(guard, store, DbThread())
+        assert guard.check(MINER, "auth-nonce-during-the-fault", now_iso(), scope="auth") is None
+        with disk_full_at(wal_size(store)):
+            trio.run(keeper.save)  # fails (logged); the node goes on
+        assert keeper.saved == 0
+        trio.run(keeper.save)  # space is back
+        assert len(store.load_nonces(time.time())) == 1
+    finally:
+        store.close()

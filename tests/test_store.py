@@ -317,7 +317,7 @@ def test_submit_batch_answers_each_in_order(vstore: ValidatorStore) -> None:
         ("a", "success", ACCEPTED),
         ("b", "error", UNKNOWN_GAME),
         ("c", "error", BAD_WAGER),
-        (None, "error", MISSING_DATA),
+        ("", "error", MISSING_DATA),
         ("d", "error", BAD_OUTCOME),
         ("e", "success", ACCEPTED),
     ]

@@ -138,8 +138,12 @@ class LinkConnection:
         for result in results:
             await self.send_frame(self._confirmation(result))
 
-    def queue_results(self, results: Sequence[dict[str, Any]]) -> None:
+    def queue_results(self, results: Sequence[dict[str, Any]], *, together: bool = False) -> None:
         """Like :meth:`send_results`, without waiting: for tasks that serve many peers.
+
+        ``together``: the results answer one batched frame; to a peer without
+        ``batch`` (which sent one all the same) they go as one confirmation
+        listing them all, the seed's batch answer, not one frame each.
 
         A peer that does not read its answers is closed rather than allowed to
         hold the caller up: with ``batch``, once more than 50,000 results wait;
@@ -147,6 +151,8 @@ class LinkConnection:
         """
         if self.protocol.closing is not None:
             return
+        if together and BATCH not in self.features:
+            results = [{"results": list(results)}]
         if BATCH in self.features:
             if len(self._results) + len(results) > _MAX_PENDING_RESULTS:
                 self.end(self.protocol.overflowed())

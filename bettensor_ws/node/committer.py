@@ -67,28 +67,32 @@ class GroupCommitter:
         """Commit groups until cancelled; a failed commit fails only its group."""
         task_status.started()
         async for first in self._recv:
-            jobs = [first]
-            size = len(first.predictions)
-            while size < self.max_group:
-                try:
-                    job = self._recv.receive_nowait()
-                except trio.WouldBlock:
-                    break
-                jobs.append(job)
-                size += len(job.predictions)
+            # in a method of its own: once answered, nothing of the group (nor the
+            # links its answers hold) is kept while waiting for the next one
+            await self._commit_group(first)
+            del first
+
+    async def _commit_group(self, first: _Job) -> None:
+        jobs = [first]
+        size = len(first.predictions)
+        while size < self.max_group:
             try:
-                results = await self._db.run(
-                    self._submit_many, [(job.hotkey, job.predictions) for job in jobs]
-                )
-            except Exception:
-                log.exception("group commit of %d predictions failed", size)
-                for job in jobs:
-                    self._answer(job, None)
-                continue
-            self.groups += 1
-            self.committed += size
-            for job, result in zip(jobs, results, strict=True):
-                self._answer(job, result)
+                job = self._recv.receive_nowait()
+            except trio.WouldBlock:
+                break
+            jobs.append(job)
+            size += len(job.predictions)
+        try:
+            results = await self._db.run(self._submit_many, [(job.hotkey, job.predictions) for job in jobs])
+        except Exception:
+            log.exception("group commit of %d predictions failed", size)
+            for job in jobs:
+                self._answer(job, None)
+            return
+        self.groups += 1
+        self.committed += size
+        for job, result in zip(jobs, results, strict=True):
+            self._answer(job, result)
 
     @staticmethod
     def _answer(job: _Job, results: list[PredictionResult] | None) -> None:

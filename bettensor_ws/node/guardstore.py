@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
 from typing import Protocol
 
@@ -45,8 +46,10 @@ class GuardKeeper:
             return
         try:
             await self._db.run(self._store.save_nonces, rows, self.guard.window, time.time())
-        except Exception:
-            log.exception("saving %d replay-guard entries failed", len(rows))
+        except sqlite3.Error as exc:
+            # kept (in memory they still refuse replays) and saved with the next batch
+            self.guard.requeue(rows)
+            log.warning("saving %d replay-guard entries failed (%s); retrying", len(rows), exc)
             return
         self.saved += len(rows)
 

@@ -601,7 +601,9 @@ class _Batch:
 
 
 def _result(prediction_id: str | None, status: str, message: str) -> PredictionResult:
-    return PredictionResult(prediction_id=prediction_id, status=status, message=message)
+    """A result; a prediction without a usable id is named "" (a batch's results must
+    all parse: a null id would make the whole confirmation unreadable)."""
+    return PredictionResult(prediction_id=prediction_id or "", status=status, message=message)
 
 
 class MinerStore(_Store):

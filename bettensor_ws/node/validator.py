@@ -20,6 +20,7 @@ from ..link.transport import plain_errors
 from ..link.validator import ValidatorWebSocketManager
 from ..protocol.dispatch import INTERNAL_ERROR, Connection
 from ..protocol.messages import (
+    MAX_ID,
     GameUpdateMessage,
     PredictionMessage,
     WebSocketMessage,
@@ -100,10 +101,14 @@ class ValidatorNode(ValidatorWebSocketManager):
             good = iter(results or _internal_errors(predictions))
             return [
                 next(good) if problem is None
-                else PredictionResult(prediction_id=prediction_id_of(item), status="error", message=problem)
+                else PredictionResult(prediction_id=_echoable_id(item), status="error", message=problem)
                 for item, problem in zip(items, problems, strict=True)
             ]
 
+        if not predictions and isinstance(websocket, LinkConnection) and self._committing:
+            websocket.queue_results(merged([]), together=is_batch)
+            await trio.lowlevel.checkpoint()
+            return
         if not predictions:
             results = merged([])
         elif self._committing and isinstance(websocket, LinkConnection):
@@ -118,7 +123,7 @@ class ValidatorNode(ValidatorWebSocketManager):
 
             def answer(results: list[PredictionResult] | None) -> None:
                 slots.release()
-                conn.queue_results(merged(results))
+                conn.queue_results(merged(results), together=is_batch)
 
             try:
                 await self.committer.enqueue(websocket.hotkey, predictions, answer)
@@ -169,10 +174,16 @@ class ValidatorNode(ValidatorWebSocketManager):
         self.store.close()
 
 
+def _echoable_id(item: Any) -> str:
+    """A refused item's id, if it is one we would echo (not over ``MAX_ID``), else ""."""
+    pid = prediction_id_of(item)
+    return pid if pid is not None and len(pid) <= MAX_ID else ""
+
+
 def _internal_errors(predictions: Sequence[dict[str, Any]]) -> list[PredictionResult]:
     """The answer when storing failed: the miner keeps these pending and resends."""
     return [
-        PredictionResult(prediction_id=prediction_id_of(p), status="error", message=INTERNAL_ERROR)
+        PredictionResult(prediction_id=_echoable_id(p), status="error", message=INTERNAL_ERROR)
         for p in predictions
     ]
 

@@ -26,9 +26,12 @@ from .payloads import (
     check_payload,
     structure_payload,
 )
+from .refusals import bounded
 
 __all__ = [
     "MAX_BATCH",
+    "MAX_FIELDS",
+    "MAX_ID",
     "MAX_PREDICTION_BYTES",
     "ConfirmationMessage",
     "ErrorMessage",
@@ -207,13 +210,33 @@ MAX_BATCH = 1000
 """Most predictions one batched frame may carry."""
 
 
+MAX_ID = 128
+"""Longest prediction id, in characters (ours are 36)."""
+
+MAX_FIELDS = 32
+"""Most fields one prediction may have (a TeamGamePrediction has 16)."""
+
+_SCALARS = (str, int, float, bool, type(None))
+
+
 def _check_prediction(raw: Any, path: str) -> None:
     if type(raw) is dict and "prediction_id" not in raw and "id" in raw:
         raw = {**raw, "prediction_id": raw["id"]}
     check_payload(raw, TeamGamePrediction, path)
+    pid = raw.get("prediction_id")
+    if isinstance(pid, str) and len(pid) > MAX_ID:
+        raise DecodeError(f"{path}.prediction_id: longer than {MAX_ID} characters ({len(pid)})")
     size = len(orjson.dumps(raw))
     if size > MAX_PREDICTION_BYTES:
         raise DecodeError(f"{path}: prediction of {size} bytes over the limit of {MAX_PREDICTION_BYTES} bytes")
+    # Every field of a prediction is a scalar, and there are few of them: nested
+    # or numerous extras would cost the validator ten times their size in memory
+    # while they wait for the disk.
+    if len(raw) > MAX_FIELDS:
+        raise DecodeError(f"{path}: {len(raw)} fields over the limit of {MAX_FIELDS}")
+    for key, value in raw.items():
+        if not isinstance(value, _SCALARS):
+            raise DecodeError(f"{path}.{str(key)[:40]}: expected a number, string, boolean or null")
 
 
 def prediction_problem(raw: Any, path: str = "prediction") -> str | None:
@@ -225,7 +248,7 @@ def prediction_problem(raw: Any, path: str = "prediction") -> str | None:
     try:
         _check_prediction(raw, path)
     except DecodeError as exc:
-        return str(exc)
+        return bounded(str(exc))
     return None
 
 

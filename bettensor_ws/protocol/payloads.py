@@ -101,7 +101,11 @@ class ConfirmationResult:
 
 
 def _type_name(value: Any) -> str:
-    return repr(value) if isinstance(value, str | int | float | bool) or value is None else type(value).__name__
+    """A peer's value as an error shows it: its repr, cut at 40 characters."""
+    if isinstance(value, str | int | float | bool) or value is None:
+        shown = repr(value)
+        return shown if len(shown) <= 40 else shown[:37] + "..."
+    return type(value).__name__
 
 
 def _strict_float(value: Any, _: Any) -> float:

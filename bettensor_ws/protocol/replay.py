@@ -226,6 +226,12 @@ class ReplayGuard:
         rows, self._journal = self._journal or [], ([] if self._journal is not None else None)
         return rows
 
+    def requeue(self, rows: list[JournalRow]) -> None:
+        """Give back rows :meth:`take_journal` returned that could not be stored,
+        to be taken again (first) next time."""
+        if self._journal is not None:
+            self._journal[:0] = rows
+
     def load(self, rows: Iterable[JournalRow], *, now: float, mono: float) -> int:
         """Take back stored entries still inside the window; returns how many."""
         loaded = 0

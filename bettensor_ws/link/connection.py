@@ -28,6 +28,7 @@ from ..protocol.link import (
     Deliver,
     Frame,
     LinkProtocol,
+    Notice,
     Refuse,
 )
 from ..protocol.messages import ConfirmationMessage, WebSocketMessage, now_iso
@@ -283,6 +284,8 @@ class LinkConnection:
             elif isinstance(verdict, Close):
                 self.end(verdict.close)
                 await trio.lowlevel.checkpoint()
+            elif isinstance(verdict, Notice):
+                log.warning("validator %s says (unsigned, so proof of nothing): %s", self.hotkey, verdict.text)
 
     async def _dispatch(self, message: WebSocketMessage) -> None:
         try:

@@ -126,6 +126,7 @@ class Manager:
         bound: bool = False,
         bucket: TokenBucket | None = None,
         peer_limits: PeerLimits | None = None,
+        answer_heartbeats: bool = True,
     ) -> LinkConnection:
         protocol = LinkProtocol(
             role=self.ROLE,
@@ -140,6 +141,7 @@ class Manager:
             bound=bound,
             bucket=bucket,
             peer_limits=peer_limits,
+            answer_heartbeats=answer_heartbeats,
         )
         return LinkConnection(ws, protocol, self.dispatcher)
 

@@ -268,7 +268,11 @@ class MinerWebSocketManager(Manager):
         )
         bound = MINER_HOTKEY in welcome.data
         limits = PeerLimits.announced(welcome.data)
-        return self._connection(ws, validator_hotkey, welcome.features, bound=bound, peer_limits=limits)
+        # a Welcome that names no miner is a reference validator's: it refuses any
+        # answer to its heartbeats, so it gets none
+        return self._connection(
+            ws, validator_hotkey, welcome.features, bound=bound, peer_limits=limits, answer_heartbeats=bound
+        )
 
     async def _run_connection(self, conn: LinkConnection) -> None:
         self._connections[conn.hotkey] = conn

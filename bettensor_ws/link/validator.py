@@ -26,7 +26,7 @@ from ..protocol.messages import (
     WelcomeMessage,
     now_iso,
 )
-from ..protocol.payloads import TeamGame, converter
+from ..protocol.payloads import TeamGame, converter, wire_game
 from ..protocol.ratelimit import Budgets, FloodCooldown
 from ..protocol.refusals import (
     DEREGISTERED,
@@ -172,7 +172,7 @@ class ValidatorWebSocketManager(Manager):
 
     async def broadcast_game_updates(self, games: Iterable[TeamGame | dict[str, Any]]) -> int | None:
         """Broadcast games; None (skipped) when identical to the last update sent."""
-        rows = [converter.unstructure(g) if isinstance(g, TeamGame) else dict(g) for g in games]
+        rows = [wire_game(converter.unstructure(g) if isinstance(g, TeamGame) else dict(g)) for g in games]
         digest = hashlib.sha256(orjson.dumps(rows, option=orjson.OPT_SORT_KEYS)).hexdigest()
         if digest == self._last_games_digest:
             await trio.lowlevel.checkpoint()

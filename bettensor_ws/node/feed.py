@@ -51,7 +51,7 @@ class SimulatedFeed:
             "outcome": "Unfinished",
             "team_a_odds": round(rng.uniform(1.3, 4.0), 2),
             "team_b_odds": round(rng.uniform(1.3, 4.0), 2),
-            "tie_odds": round(rng.uniform(2.8, 4.5), 2) if soccer else None,
+            "tie_odds": round(rng.uniform(2.8, 4.5), 2) if soccer else 0.0,  # the reference's "no draw"
             "can_tie": soccer,
         }
         self.games[game_id] = game

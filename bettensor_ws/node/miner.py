@@ -36,7 +36,7 @@ from ..protocol.refusals import Refusal, bounded
 from ..protocol.signing import Signer, sign
 from .dbthread import DbThread
 from .guardstore import GuardKeeper
-from .rules import DAILY_WAGER_LIMIT, HEALABLE, check_own_data
+from .rules import DAILY_WAGER_LIMIT, HEALABLE, check_own_data, means_stored
 from .store import MinerStore
 
 __all__ = ["MinerNode", "Strategy", "favourite_strategy"]
@@ -178,7 +178,7 @@ class MinerNode(MinerWebSocketManager):
         # validator sent us (it lost it, and will learn it again). Those stay
         # pending and go again after retry_after; on any other game it is final.
         results = [
-            (r.prediction_id, r.status, r.message)
+            (r.prediction_id, "success" if means_stored(r.status, r.message) else r.status, r.message)
             for r in message.results
             if r.prediction_id and not (r.status == "error" and r.message == INTERNAL_ERROR)
         ]

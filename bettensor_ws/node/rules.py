@@ -7,6 +7,7 @@ wagers so far today, and the caller decides what to do with the verdict.
 from __future__ import annotations
 
 import math
+import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -18,6 +19,7 @@ __all__ = [
     "HEALABLE",
     "check_own_data",
     "check_prediction",
+    "means_stored",
     "prediction_day",
     "prediction_id_of",
     "utc_day",
@@ -43,6 +45,17 @@ REASONS = (
     BAD_ODDS,
     BAD_CONFIDENCE,
 )
+
+_ALREADY_STORED = re.compile(r"Prediction .{1,200} already exists in database")
+
+
+def means_stored(status: str, message: str) -> bool:
+    """Whether an answer says the prediction is stored: a success, or the reference
+    validator's refusal of a prediction id it already holds (``Prediction <id>
+    already exists in database``), which is what a resend after a lost
+    confirmation gets from it."""
+    return status == "success" or _ALREADY_STORED.fullmatch(message) is not None
+
 
 HEALABLE = frozenset({UNKNOWN_GAME})
 """Refusals that the same prediction may outgrow (the validator may learn the game

@@ -26,7 +26,7 @@ from ..protocol.messages import (
     WebSocketMessage,
     now_iso,
 )
-from ..protocol.payloads import TeamGame, converter
+from ..protocol.payloads import TeamGame, converter, wire_game
 from ..protocol.signing import Signer
 from .committer import GroupCommitter
 from .dbthread import DbThread
@@ -161,7 +161,9 @@ class ValidatorNode(ValidatorWebSocketManager):
                 delay = min(delay * 2, 30.0)
         if games:
             await connection.send_message(
-                GameUpdateMessage(sender=self.hotkey, data={"games": games, "timestamp": now_iso()})
+                GameUpdateMessage(
+                    sender=self.hotkey, data={"games": [wire_game(g) for g in games], "timestamp": now_iso()}
+                )
             )
 
     async def update_games(self, games: Iterable[TeamGame | dict[str, Any]]) -> int | None:

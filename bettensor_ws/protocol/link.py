@@ -48,6 +48,7 @@ __all__ = [
     "Frame",
     "Ignore",
     "LinkProtocol",
+    "Notice",
     "PeerLimits",
     "MINER_HOTKEY",
     "Refuse",
@@ -63,7 +64,8 @@ MINER_HOTKEY = "miner_hotkey"
 
 # Types the protocol consumes itself when no handler claims them; answering
 # "no handler" to these could ping-pong errors between two peers.
-SILENT_TYPES = frozenset({"error", "heartbeat_ack", "welcome"})
+# ``heartbeat_response`` is the reference miner's answer to a heartbeat.
+SILENT_TYPES = frozenset({"error", "heartbeat_ack", "heartbeat_response", "welcome"})
 
 
 class Role(enum.Enum):
@@ -178,7 +180,26 @@ class Close:
     close: LinkClose
 
 
-Verdict = Deliver | Answer | Ignore | Refuse | Close
+@attrs.frozen
+class Notice:
+    """An unsigned ``{"type": "error", "message", "timestamp"}`` from a reference
+    validator: information (bounded), proof of nothing, acted on by nobody."""
+
+    text: str
+
+
+Verdict = Deliver | Answer | Ignore | Refuse | Close | Notice
+
+
+def _is_reference_notice(obj: Any) -> bool:
+    return (
+        type(obj) is dict
+        and obj.get("type") == "error"
+        and isinstance(obj.get("message"), str)
+        and "sender" not in obj
+        and "nonce" not in obj
+        and "data" not in obj
+    )
 
 
 class LinkProtocol:
@@ -204,6 +225,7 @@ class LinkProtocol:
         bucket: TokenBucket | None = None,
         bound: bool = False,
         peer_limits: PeerLimits | None = None,
+        answer_heartbeats: bool = True,
     ) -> None:
         self.role = role
         self._signer = signer
@@ -211,6 +233,8 @@ class LinkProtocol:
         self.peer_hotkey = peer_hotkey
         self.bound = bound
         """The validator named this miner in its Welcome: its confirmations must too."""
+        self.answer_heartbeats = answer_heartbeats
+        """False toward a reference validator, which refuses every answer to its heartbeat."""
         self.peer_limits = peer_limits or PeerLimits()
         """What the peer said it accepts (a validator's Welcome announces it)."""
         self.settings = settings
@@ -242,6 +266,8 @@ class LinkProtocol:
             if self.closing is None:
                 self._stats.reject(RefusalKind.FLOODING)
             self.close(verdict.close)
+        elif isinstance(verdict, Notice):
+            self._stats.frames_in["error"] += 1
         else:
             self._stats.frames_in[verdict.message.type] += 1
         return verdict
@@ -260,6 +286,8 @@ class LinkProtocol:
         obj: Any = None
         try:
             obj = loads_checked(raw, max_size=self.settings.max_message_size)
+            if self.role is Role.MINER and _is_reference_notice(obj):
+                return Notice(bounded(obj["message"]))
             message = decode_obj(obj)
         except DecodeError as exc:
             nonce = obj.get("nonce") if isinstance(obj, dict) else None
@@ -278,6 +306,11 @@ class LinkProtocol:
         if message.type in self._handled:
             return Deliver(message)
         if message.type == HeartbeatMessage.MESSAGE_TYPE:
+            if not self.answer_heartbeats:
+                # A reference validator takes any answer to its heartbeat for an
+                # unknown type and sends an error back: to it, silence (our own
+                # heartbeats, which it acks, keep the link alive).
+                return Ignore(message)
             return Answer(message, self.sign(HeartbeatAckMessage(sender="", data={})))
         if message.type in SILENT_TYPES:
             return Ignore(message)

@@ -38,6 +38,7 @@ __all__ = [
     "GameUpdateMessage",
     "HeartbeatAckMessage",
     "HeartbeatMessage",
+    "HeartbeatResponseMessage",
     "PredictionMessage",
     "WebSocketMessage",
     "WelcomeMessage",
@@ -399,6 +400,13 @@ class HeartbeatMessage(WebSocketMessage):
 @attrs.define
 class HeartbeatAckMessage(WebSocketMessage):
     MESSAGE_TYPE: ClassVar[str] = "heartbeat_ack"
+
+
+@attrs.define
+class HeartbeatResponseMessage(WebSocketMessage):
+    """The reference miner's answer to a heartbeat (ours answer ``heartbeat_ack``)."""
+
+    MESSAGE_TYPE: ClassVar[str] = "heartbeat_response"
 
 
 @attrs.define

@@ -28,6 +28,7 @@ __all__ = [
     "check_payload",
     "converter",
     "structure_payload",
+    "wire_game",
 ]
 
 
@@ -49,6 +50,32 @@ class TeamGame:
     team_b_odds: float | None = None
     tie_odds: float | None = None
     can_tie: bool = False
+
+
+_REFERENCE_GAME_DEFAULTS: dict[str, Any] = {
+    "sport": "",
+    "league": "",
+    "create_date": "",
+    "last_update_date": "",
+    "active": False,
+    "outcome": "Unfinished",
+    "team_a_odds": 0.0,
+    "team_b_odds": 0.0,
+    "tie_odds": 0.0,
+    "can_tie": False,
+}
+
+
+def wire_game(row: dict[str, Any]) -> dict[str, Any]:
+    """A game as every peer can read it: the reference ``TeamGame`` requires every
+    field, odds as numbers (0.0 where there is none, as its validator sends for a
+    game that cannot be drawn)."""
+    game = dict(row)
+    for key, default in _REFERENCE_GAME_DEFAULTS.items():
+        if game.get(key) is None:
+            game[key] = default
+    game["game_id"] = str(game.get("game_id"))
+    return game
 
 
 @attrs.define(frozen=True)

@@ -323,7 +323,8 @@ def test_refminer_auth_welcome_heartbeats_and_prediction(alice: Keypair, bob: Ke
                 sent = await svc.acall(v.manager.broadcast_game_updates, [GAME, GAME2])
                 assert sent == 1
                 update = assert_signed_by(await m.expect("game_update"), alice, "game_update")
-                assert update["games"] == [GAME, GAME2]
+                # as the reference TeamGame reads them: game_id a string, odds numbers
+                assert update["games"] == [{**g, "game_id": str(g["game_id"])} for g in (GAME, GAME2)]
                 assert await svc.acall(v.manager.broadcast_game_updates, [GAME, GAME2]) is None
                 assert await svc.acall(
                     v.manager.send_to, bob.ss58_address, {"type": "game_update", "games": []}

@@ -470,10 +470,13 @@ def test_validator_reads_a_real_wallet_from_disk(tmp_path: Path) -> None:
 
 
 def _parse_counts(line: str) -> dict[str, int]:
-    """``validator X: pending 1, confirmed 2, rejected 0`` -> {"pending": 1, ...}."""
+    """``validator X: pending 1, confirmed 2, rejected 0`` -> {"pending": 1, ...}
+    (an ``oldest pending 3h12m`` part after them is not a count)."""
     _, _, rest = line.partition(": ")
     counts = {}
     for part in rest.split(", "):
+        if part.startswith("oldest pending "):
+            continue
         key, _, value = part.partition(" ")
         counts[key] = int(value)
     return counts

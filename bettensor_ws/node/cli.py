@@ -310,7 +310,11 @@ def _miner_status(miner: Any) -> None:
             print(f"{state} {totals[state]}")
         for validator in miner.validators():
             counts = miner.counts(validator)
-            print(f"validator {validator}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+            line = f"validator {validator}: " + ", ".join(f"{k} {v}" for k, v in counts.items())
+            oldest = miner.oldest_pending(validator)
+            if oldest is not None:
+                line += f", oldest pending {_age(oldest)}"
+            print(line)
         rejections = miner.latest_rejections()
         if rejections:
             print("latest rejections:")
@@ -318,6 +322,21 @@ def _miner_status(miner: Any) -> None:
                 print(f"  {pid} by {validator}: {reason}")
     finally:
         miner.close()
+
+
+def _age(seconds: float) -> str:
+    """``45s``, ``12m05s``, ``3h12m``, ``2d04h``: the two largest units."""
+    whole = int(seconds)
+    days, rest = divmod(whole, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours:02d}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
 
 
 def _validator_status(validator_store: Any) -> None:

@@ -1,7 +1,10 @@
 """The miner node: predicts on game updates and never loses a prediction.
 
 Each prediction is written, pending for every validator, before it is sent,
-and resent on every (re)connect until that validator has answered it.
+and resent until that validator has answered it: the wait before a resend
+follows the validator's observed latency, doubles with each attempt (kept on
+disk, across reconnects and restarts), and after ``max_attempts`` sends without
+an answer the prediction is settled as rejected.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import sqlite3
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +92,21 @@ def favourite_strategy(wager: float = 1.0, miner_uid: str = "0", model_name: str
 DEFAULT_PEER_MAX_SIZE = 1 << 20
 """A validator that announces no limit (a reference one) is sent frames of at most 1 MiB."""
 
+RESEND_FACTOR = 3.0
+"""A resend waits at least this many times the validator's observed confirmation latency."""
+
+MAX_BACKOFF = 3600.0
+"""The longest wait between two sends of one prediction to one validator (seconds)."""
+
+MAX_ATTEMPTS = 12
+"""Sends of one prediction to one validator without an answer before it is settled as rejected."""
+
+LATENCY_WEIGHT = 0.2
+"""The weight of each new latency in a validator's moving average (EWMA)."""
+
+IDLE_WAKE = 60.0
+"""The longest an outbox sleeps with nothing due (a poke wakes it sooner)."""
+
 ENVELOPE_ROOM = 2048
 """Bytes kept for the envelope around the predictions (type, sender, timestamp, nonce,
 signature, the batch's own keys), with room to spare."""
@@ -112,9 +131,12 @@ class MinerNode(MinerWebSocketManager):
 
     The outbox keeps at most ``window`` predictions in flight per validator,
     sends batches to validators that offer them, and paces single messages
-    under the validator's default rate limit; anything unanswered after
-    ``retry_after`` seconds, or refused as rate limited, is still pending and
-    goes again.
+    under the validator's default rate limit; anything unanswered, or refused
+    as rate limited, is still pending and goes again. The wait before a resend
+    is ``max(retry_after, resend_factor x`` the validator's average confirmation
+    latency``)``, doubled at each attempt up to ``max_backoff``; after
+    ``max_attempts`` sends without an answer the prediction is settled as
+    rejected with the last reason heard.
     """
 
     def __init__(
@@ -130,6 +152,9 @@ class MinerNode(MinerWebSocketManager):
         retry_after: float = 10.0,
         send_rate: float = 40.0,
         send_burst: int = 100,
+        resend_factor: float = RESEND_FACTOR,
+        max_backoff: float = MAX_BACKOFF,
+        max_attempts: int = MAX_ATTEMPTS,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("features", (BATCH,))
@@ -143,10 +168,20 @@ class MinerNode(MinerWebSocketManager):
         self.retry_after = retry_after
         self.send_rate = send_rate
         self.send_burst = send_burst
+        self.resend_factor = resend_factor
+        self.max_backoff = max_backoff
+        self.max_attempts = max_attempts
+        # per validator, a moving average of its confirmation latency (send to answer)
+        self.latency: dict[str, float] = {}
+        self._clock_base: tuple[datetime, float] | None = None
         self._outboxes: dict[str, _Outbox] = {}
         # per validator, the last game update a storage fault kept out (one each)
         self._unstored_games: dict[str, list[dict[str, Any]]] = {}
         self.sent_at: dict[str, float] = {}
+        # the last send of those of sent_at sent more than once: an answer may be to
+        # any send, so the validator's latency is sampled from the last (a lower bound,
+        # never inflated by our own backoff)
+        self._resent: dict[str, float] = {}
         # the latest confirmation latencies (first send to answer), for the demo and metrics
         self.latencies: deque[float] = deque(maxlen=100_000)
         # one prediction round at a time: updates from several validators must not
@@ -176,25 +211,34 @@ class MinerNode(MinerWebSocketManager):
         # prediction stays pending and goes again.
         # Neither is a refusal that can heal: "game unknown" on a game this very
         # validator sent us (it lost it, and will learn it again). Those stay
-        # pending and go again after retry_after; on any other game it is final.
+        # pending and go again when their backoff allows; on any other game it is final.
+        # Those kept pending remember the reason, for the day they are given up on.
         results = [
             (r.prediction_id, "success" if means_stored(r.status, r.message) else r.status, r.message)
             for r in message.results
-            if r.prediction_id and not (r.status == "error" and r.message == INTERNAL_ERROR)
+            if r.prediction_id
         ]
+        kept = [(pid, text) for pid, status, text in results if status == "error" and text == INTERNAL_ERROR]
         healable = [pid for pid, status, text in results if status == "error" and text in HEALABLE]
         if healable:
             keep = await self.db.run(self.store.games_sent_by, websocket.hotkey, healable)
-            results = [r for r in results if r[0] not in keep]
+            kept += [(pid, text) for pid, _, text in results if pid in keep]
+        if kept:
+            held = {pid for pid, _ in kept}
+            results = [r for r in results if r[0] not in held]
+            await self.db.run(self.store.note_reason, websocket.hotkey, kept)
         await self.db.run(self.store.record_results, websocket.hotkey, results)
         outbox = self._outboxes.get(websocket.hotkey)
         now = trio.current_time()
         for pid, status, _ in results:
             if outbox is not None:
                 outbox.inflight.pop(pid, None)
-            sent = self.sent_at.pop(f"{websocket.hotkey}/{pid}", None)
+            key = f"{websocket.hotkey}/{pid}"
+            sent = self.sent_at.pop(key, None)
+            last = self._resent.pop(key, None)
             if sent is not None:
                 self.latencies.append(now - sent)
+                self._observe_latency(websocket.hotkey, now - (sent if last is None else last))
             if status != "success":
                 log.warning("prediction %s rejected by %s", pid, websocket.hotkey)
         if outbox is not None:
@@ -204,7 +248,7 @@ class MinerNode(MinerWebSocketManager):
         """A refused prediction frame: settle its predictions, unless the refusal is transient.
 
         Rate limits, clock skew and validator failures leave them pending (they
-        go again after ``retry_after``); a malformed prediction would be refused
+        go again when their backoff allows); a malformed prediction would be refused
         forever, so it is recorded as rejected with the validator's reason.
         """
         refusal = Refusal.parse(message.data.get("message", ""))  # the wire text, read once
@@ -216,13 +260,16 @@ class MinerNode(MinerWebSocketManager):
             return
         _, pids = outbox.by_nonce.pop(nonce)
         if refusal.transient:
+            # still pending, and goes again when its backoff allows; remembered as
+            # the reason should it be given up on
+            await self.db.run(self.store.note_reason, websocket.hotkey, [(pid, reason) for pid in pids])
             return
         await self.db.run(
             self.store.record_results, websocket.hotkey, [(pid, "error", reason) for pid in pids]
         )
         for pid in pids:
             outbox.inflight.pop(pid, None)
-            self.sent_at.pop(f"{websocket.hotkey}/{pid}", None)
+            self._forget_sends(websocket.hotkey, pid)
         log.warning("validator %s refused %d predictions: %s", websocket.hotkey, len(pids), reason)
         outbox.poke()
 
@@ -239,6 +286,9 @@ class MinerNode(MinerWebSocketManager):
                 "storing %d games from validator %s failed (%s); retrying",
                 len(games), websocket.hotkey, exc,
             )
+            outbox = self._outboxes.get(websocket.hotkey)
+            if outbox is not None:
+                outbox.poke()  # it may be asleep until something falls due: retry from now on
             return
         self._unstored_games.pop(websocket.hotkey, None)
         log.info("received updates for %d games from validator %s", len(games), websocket.hotkey)
@@ -332,6 +382,32 @@ class MinerNode(MinerWebSocketManager):
 
     # ---- the outbox -----------------------------------------------------------------------
 
+    def _observe_latency(self, validator_hotkey: str, latency: float) -> None:
+        old = self.latency.get(validator_hotkey)
+        self.latency[validator_hotkey] = (
+            latency if old is None else old + LATENCY_WEIGHT * (latency - old)
+        )
+
+    def _forget_sends(self, validator_hotkey: str, pid: str) -> None:
+        key = f"{validator_hotkey}/{pid}"
+        self.sent_at.pop(key, None)
+        self._resent.pop(key, None)
+
+    def resend_wait(self, validator_hotkey: str) -> float:
+        """Seconds a prediction sent to that validator is given to be answered before
+        it may go again (the first time; each further attempt doubles it): at least
+        ``retry_after``, and ``resend_factor`` times the validator's average latency."""
+        return max(self.retry_after, self.resend_factor * self.latency.get(validator_hotkey, 0.0))
+
+    def wall_now(self) -> datetime:
+        """The wall clock (UTC) as the outbox keeps it: read once, then advanced by
+        Trio's clock, so a mock clock drives resends and a step of the system clock
+        does not."""
+        if self._clock_base is None:
+            self._clock_base = (datetime.now(UTC), trio.current_time())
+        wall, mono = self._clock_base
+        return wall + timedelta(seconds=trio.current_time() - mono)
+
     async def run_outbox(self, connection: LinkConnection) -> None:
         """Resend what is pending for this validator, then keep sending, until the link ends."""
         outbox = _Outbox()
@@ -346,46 +422,89 @@ class MinerNode(MinerWebSocketManager):
                 del self._outboxes[connection.hotkey]
 
     async def _drain(self, connection: LinkConnection, outbox: _Outbox) -> None:
+        hotkey = connection.hotkey
         batched = BATCH in connection.features
         bucket = TokenBucket(self.send_rate, self.send_burst, now=trio.current_time())
         while True:
             outbox.wake = trio.Event()
-            await self._retry_unstored_games(connection.hotkey)
+            await self._retry_unstored_games(hotkey)
             now = trio.current_time()
+            expiry = self.resend_wait(hotkey)
             for pid, sent in list(outbox.inflight.items()):
-                if now - sent >= self.retry_after:
+                if now - sent >= expiry:
                     del outbox.inflight[pid]
             for nonce, (sent, _) in list(outbox.by_nonce.items()):
-                if now - sent >= self.retry_after:
+                if now - sent >= expiry:
                     del outbox.by_nonce[nonce]
             room = self.window - len(outbox.inflight)
             pending: list[dict[str, Any]] = []
-            wait = self.retry_after
-            if room > 0:
-                try:
-                    pending = await self.db.run(
-                        self.store.pending, connection.hotkey, room, list(outbox.inflight)
-                    )
-                except sqlite3.Error as exc:
-                    log.warning("reading the outbox for %s failed (%s); retrying", connection.hotkey, exc)
-                    wait = 1.0
+            due: datetime | None = None
+            wait = IDLE_WAKE
+            try:
+                given_up, pending, due = await self.db.run(
+                    self._read_outbox, hotkey, room, list(outbox.inflight), self.wall_now()
+                )
+                for pid in given_up:
+                    outbox.inflight.pop(pid, None)
+                    self._forget_sends(hotkey, pid)
+            except sqlite3.Error as exc:
+                log.warning("reading the outbox for %s failed (%s); retrying", hotkey, exc)
+                wait = 1.0
             if pending:
                 read = len(pending)
                 pending = await self._settle_unfittable(connection, pending)
                 if len(pending) < read:
                     wait = 0.0  # settled some: the window has room for the next at once
             if pending:
+                gone: list[str] = []
                 if batched:
                     for chunk in self._chunks(connection, pending):
                         await self._send(connection, outbox, chunk, {"predictions": chunk})
+                        gone += (str(p.get("prediction_id")) for p in chunk)
                 else:
                     for prediction in pending:
                         if not bucket.take(trio.current_time()):
                             wait = 1.0 / self.send_rate
                             break
                         await self._send(connection, outbox, [prediction], prediction)
+                        gone.append(str(prediction.get("prediction_id")))
+                # one write for the round (a send cancelled before it is not counted,
+                # and goes again at once: the old behaviour, never a flood)
+                await self._record_sent(hotkey, gone)
+            wait = min(wait, self._next_wake(hotkey, outbox, due))
             with trio.move_on_after(wait):
                 await outbox.wake.wait()
+
+    def _read_outbox(
+        self, validator_hotkey: str, room: int, inflight: list[str], now: datetime
+    ) -> tuple[list[str], list[dict[str, Any]], datetime | None]:
+        """In the database thread: settle what ran out of attempts, read what is due
+        (at most ``room``), and say when the next one other than those is due."""
+        given_up = self.store.settle_exhausted(validator_hotkey, self.max_attempts, now)
+        if given_up:
+            log.warning(
+                "validator %s never answered %d predictions in %d attempts; settled as rejected",
+                validator_hotkey, len(given_up), self.max_attempts,
+            )
+        pending = self.store.pending(validator_hotkey, room, inflight, now) if room > 0 else []
+        due = self.store.next_due(
+            validator_hotkey, [*inflight, *(str(p.get("prediction_id")) for p in pending)]
+        )
+        return given_up, pending, due
+
+    def _next_wake(self, validator_hotkey: str, outbox: _Outbox, due: datetime | None) -> float:
+        """Seconds until the outbox has something to do unless poked: an in-flight
+        prediction expiring, or, with room in the window, the next one falling due."""
+        now = trio.current_time()
+        wait = IDLE_WAKE
+        if validator_hotkey in self._unstored_games:
+            wait = self.retry_after
+        expiry = self.resend_wait(validator_hotkey)
+        if outbox.inflight:
+            wait = min(wait, max(0.0, min(outbox.inflight.values()) + expiry - now))
+        if due is not None and len(outbox.inflight) < self.window:
+            wait = min(wait, max(0.0, (due - self.wall_now()).total_seconds()))
+        return wait
 
     @staticmethod
     def _frame_room(connection: LinkConnection) -> int:
@@ -434,6 +553,19 @@ class MinerNode(MinerWebSocketManager):
             chunks.append(chunk)
         return chunks
 
+    async def _record_sent(self, validator_hotkey: str, pids: list[str]) -> None:
+        """Count an attempt for each prediction sent, and when it may go next."""
+        if not pids:
+            return
+        try:
+            await self.db.run(
+                self.store.record_sent, validator_hotkey, pids, self.wall_now(),
+                self.resend_wait(validator_hotkey), self.max_backoff,
+            )
+        except sqlite3.Error as exc:
+            # sent all the same: until it is recorded, a resend waits on the window alone
+            log.warning("recording sends to %s failed (%s)", validator_hotkey, exc)
+
     async def _send(
         self, connection: LinkConnection, outbox: _Outbox, predictions: list[dict[str, Any]], data: dict[str, Any]
     ) -> None:
@@ -443,7 +575,11 @@ class MinerNode(MinerWebSocketManager):
             pid = str(prediction.get("prediction_id"))
             pids.append(pid)
             outbox.inflight[pid] = now
-            self.sent_at.setdefault(f"{connection.hotkey}/{pid}", now)
+            key = f"{connection.hotkey}/{pid}"
+            if key in self.sent_at:
+                self._resent[key] = now
+            else:
+                self.sent_at[key] = now
         signed = sign(PredictionMessage(sender=self.hotkey, data=data), self.keypair)
         outbox.by_nonce[signed.nonce] = (now, pids)
         try:

@@ -95,6 +95,11 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+def _stamp(moment: datetime) -> str:
+    """A UTC moment as text that sorts as time does (fixed width, microseconds always)."""
+    return moment.astimezone(UTC).isoformat(timespec="microseconds")
+
+
 def connect(path: str | Path) -> sqlite3.Connection:
     """Open with the durability settings every store uses."""
     db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
@@ -630,6 +635,13 @@ class MinerStore(_Store):
                 validator_hotkey TEXT NOT NULL, game_id TEXT NOT NULL, body TEXT NOT NULL,
                 updated_at TEXT NOT NULL, PRIMARY KEY (validator_hotkey, game_id)) WITHOUT ROWID""",
         ),
+        (
+            # Resends back off and are bounded, across restarts: how many times each
+            # delivery was sent, when it may go next, and the last reason heard.
+            "ALTER TABLE deliveries ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0",
+            "ALTER TABLE deliveries ADD COLUMN next_at TEXT",
+            "ALTER TABLE deliveries ADD COLUMN last_reason TEXT",
+        ),
     )
 
     def upsert_validator_games(self, validator_hotkey: str, games: Iterable[dict[str, Any]]) -> list[str]:
@@ -710,17 +722,122 @@ class MinerStore(_Store):
                 )
         return added
 
-    def pending(self, validator_hotkey: str, limit: int, exclude: Iterable[str] = ()) -> list[dict[str, Any]]:
-        """Oldest pending predictions for one validator, skipping ids already in flight."""
+    def pending(
+        self,
+        validator_hotkey: str,
+        limit: int,
+        exclude: Iterable[str] = (),
+        now: datetime | None = None,
+    ) -> list[dict[str, Any]]:
+        """Oldest pending predictions for one validator whose next attempt has come
+        (never sent, or ``next_at`` reached), skipping ids already in flight."""
         skip = set(exclude)
         rows = self.db.execute(
             "SELECT p.prediction_id, p.body FROM deliveries d JOIN predictions p "
             "USING (prediction_id) WHERE d.validator_hotkey=? AND d.state='pending' "
+            "AND (d.next_at IS NULL OR d.next_at <= ?) "
             "ORDER BY p.created_at, p.prediction_id LIMIT ?",
-            (validator_hotkey, limit + len(skip)),
+            (validator_hotkey, _stamp(now or _now()), limit + len(skip)),
         ).fetchall()
         bodies = [json.loads(r["body"]) for r in rows if r["prediction_id"] not in skip]
         return bodies[:limit]
+
+    def next_due(self, validator_hotkey: str, exclude: Iterable[str] = ()) -> datetime | None:
+        """When the first pending delivery to that validator, other than ``exclude``,
+        may go (a never-sent one: the epoch, at once); None when none is pending."""
+        skip = set(exclude)
+        rows = self.db.execute(
+            "SELECT prediction_id, next_at FROM deliveries WHERE validator_hotkey=? AND state='pending' "
+            "ORDER BY COALESCE(next_at, '') LIMIT ?",
+            (validator_hotkey, len(skip) + 1),
+        ).fetchall()
+        for pid, next_at in rows:
+            if pid not in skip:
+                return datetime.fromisoformat(next_at) if next_at else datetime.min.replace(tzinfo=UTC)
+        return None
+
+    def record_sent(
+        self,
+        validator_hotkey: str,
+        prediction_ids: Iterable[str],
+        now: datetime,
+        base: float,
+        max_backoff: float,
+    ) -> None:
+        """Count one more attempt for each pending delivery sent; its next attempt may
+        go ``min(base * 2**(attempts - 1), max_backoff)`` seconds from ``now``."""
+        with transaction(self.db):
+            for pid in prediction_ids:
+                row = self.db.execute(
+                    "SELECT attempts FROM deliveries WHERE prediction_id=? AND validator_hotkey=? "
+                    "AND state='pending'",
+                    (pid, validator_hotkey),
+                ).fetchone()
+                if row is None:
+                    continue
+                attempts = int(row[0]) + 1
+                gap = min(base * 2.0 ** min(attempts - 1, 62), max_backoff)
+                self.db.execute(
+                    "UPDATE deliveries SET attempts=?, next_at=? WHERE prediction_id=? AND validator_hotkey=?",
+                    (attempts, _stamp(now + timedelta(seconds=gap)), pid, validator_hotkey),
+                )
+
+    def note_reason(self, validator_hotkey: str, reasons: Iterable[tuple[str, str]]) -> None:
+        """Keep (prediction_id, reason) as the last reason heard for pending deliveries
+        (a transient refusal: they stay pending and go again)."""
+        with transaction(self.db):
+            self.db.executemany(
+                "UPDATE deliveries SET last_reason=? "
+                "WHERE prediction_id=? AND validator_hotkey=? AND state='pending'",
+                [(reason, pid, validator_hotkey) for pid, reason in reasons],
+            )
+
+    def settle_exhausted(self, validator_hotkey: str, max_attempts: int, now: datetime | None = None) -> list[str]:
+        """Settle as rejected each pending delivery sent ``max_attempts`` times whose
+        last wait has run out unanswered, with the last reason heard; returns their ids."""
+        moment = now or _now()
+        rows = self.db.execute(
+            "SELECT prediction_id, last_reason FROM deliveries WHERE validator_hotkey=? AND state='pending' "
+            "AND attempts >= ? AND next_at <= ?",
+            (validator_hotkey, max_attempts, _stamp(moment)),
+        ).fetchall()
+        if not rows:
+            return []
+        with transaction(self.db):
+            for pid, last_reason in rows:
+                reason = (
+                    f"{last_reason} (gave up after {max_attempts} attempts)"
+                    if last_reason
+                    else f"no answer after {max_attempts} attempts"
+                )
+                self.db.execute(
+                    "UPDATE deliveries SET state='rejected', reason=?, updated_at=? "
+                    "WHERE prediction_id=? AND validator_hotkey=? AND state='pending'",
+                    (reason, moment.isoformat(), pid, validator_hotkey),
+                )
+        return [r[0] for r in rows]
+
+    def attempts(self, prediction_id: str, validator_hotkey: str) -> tuple[int, datetime | None, str | None] | None:
+        """(attempts, next_at, last_reason) of one delivery, or None."""
+        row = self.db.execute(
+            "SELECT attempts, next_at, last_reason FROM deliveries WHERE prediction_id=? AND validator_hotkey=?",
+            (prediction_id, validator_hotkey),
+        ).fetchone()
+        if row is None:
+            return None
+        return int(row[0]), datetime.fromisoformat(row[1]) if row[1] else None, row[2]
+
+    def oldest_pending(self, validator_hotkey: str, now: datetime | None = None) -> float | None:
+        """Seconds since the oldest prediction still pending for that validator was
+        made (stored), or None when nothing is pending."""
+        row = self.db.execute(
+            "SELECT MIN(p.created_at) FROM deliveries d JOIN predictions p USING (prediction_id) "
+            "WHERE d.validator_hotkey=? AND d.state='pending'",
+            (validator_hotkey,),
+        ).fetchone()
+        if row is None or row[0] is None:
+            return None
+        return max(0.0, ((now or _now()) - datetime.fromisoformat(row[0])).total_seconds())
 
     def record_results(
         self, validator_hotkey: str, results: Iterable[tuple[str, str, str]]

@@ -622,8 +622,8 @@ async def test_reconnecting_does_not_refill_the_frame_budget(
 ) -> None:
     """Scenario 2: a hotkey that reconnects 30 times, a second apart, each time with a burst
     of 190 heartbeats, gets at most rate * elapsed + burst of them admitted overall (old:
-    3,400-3,600 frames/s against 50/s); the rest are refused "rate limited". Another
-    hotkey's budget is its own."""
+    3,400-3,600 frames/s against 50/s); the rest wait (backpressure), none refused.
+    Another hotkey's budget is its own."""
     rate, burst_size = 50.0, 200
     validator = ValidatorWebSocketManager(
         alice, rate_limit=rate, rate_burst=burst_size, flood_strikes=1_000_000, handshake_burst=1_000
@@ -635,14 +635,11 @@ async def test_reconnecting_does_not_refill_the_frame_budget(
         await trio.sleep(1.0)
     elapsed = trio.current_time() - start
     admitted = validator.stats()["frames_in"]["heartbeat"]
-    assert admitted == totals["heartbeat_ack"]
-    assert totals["heartbeat_ack"] + totals["rate limited"] == 30 * 190
-    assert validator.stats()["rejections"] == {"rate limited": totals["rate limited"]}
+    assert admitted == totals["heartbeat_ack"] == 30 * 190, (admitted, totals)  # slowed, never refused
+    assert validator.stats()["rejections"] == {}
     print(f"\n30 reconnects x 190 frames over {elapsed:.0f} s: {admitted} admitted "
-          f"({admitted / elapsed:.0f}/s; bound {rate * elapsed + burst_size:.0f}), "
-          f"{totals['rate limited']} rate limited")
+          f"({admitted / elapsed:.0f}/s; bound {rate * elapsed + burst_size:.0f})")
     assert admitted <= rate * elapsed + burst_size
-    assert admitted >= rate * (elapsed - 1.0)  # the budget is spent, not withheld
     # the first burst fitted; the others got about a second's worth each
     assert validator.stats()["connections_total"] == 30
 
@@ -653,20 +650,20 @@ async def test_reconnecting_does_not_refill_the_frame_budget(
 async def test_flood_strikes_survive_reconnects_then_the_cooldown(
     alice: Keypair, bob: Keypair, autojump_clock: Any
 ) -> None:
-    """Scenario 2: with the default budget (50/s, burst 200, 200 strikes) and the
-    reconnects coming at once, the second burst of 190 gets 10 through and 180 refused,
-    the third is closed 1008 "rate limit exceeded" within its first 21 refusals, and the
-    next handshake meets the flood cooldown."""
-    validator = ValidatorWebSocketManager(alice)
+    """Scenario 2: with the default budget (50/s, burst 200) and the reconnects coming at
+    once, the second burst of 190 is slowed (10 at once, 180 paced), a connection that
+    keeps pushing is closed 1008 "rate limit exceeded" after flood_after (here 5 s) of
+    unbroken pacing, and the next handshake meets the flood cooldown."""
+    validator = ValidatorWebSocketManager(alice, flood_after=5.0)
     assert await burst(validator, bob, 190) == {"heartbeat_ack": 190}
-    assert await burst(validator, bob, 190) == {"heartbeat_ack": 10, "rate limited": 180}
+    assert await burst(validator, bob, 190) == {"heartbeat_ack": 190}
     async with raw_client(validator, queue=256) as ws:
         await authenticate(ws, bob)
         with suppress(ConnectionClosed):
-            for _ in range(190):
+            for _ in range(1000):
                 await ws.send_message(heartbeat(bob))
         assert await expect_close(ws) == (1008, "rate limit exceeded")
-    assert validator.stats()["rejections"] == {"rate limited": 200, "flooding": 1}
+    assert validator.stats()["rejections"] == {"flooding": 1}
     async with raw_client(validator) as ws:
         await ws.send_message(orjson.dumps(build_auth(bob)).decode())
         reply = bare_refusal(await ws.get_message(), alice.ss58_address)

@@ -464,7 +464,8 @@ async def test_outbox_delivers_hundreds_pending(
 async def test_rate_limited_predictions_stay_pending_and_go_again(
     alice: Keypair, miner_keys: list[Keypair], tmp_path: Path
 ) -> None:
-    """A miner sending faster than a strict validator allows: refusals are resent, nothing lost."""
+    """A miner sending faster than a strict validator allows: slowed by backpressure, not
+    refused; nothing lost."""
     count = 60
     validator = ValidatorNode(alice, tmp_path / "validator.db", features=(), rate_limit=30.0, rate_burst=20)
     games = upcoming_games(3)
@@ -479,7 +480,7 @@ async def test_rate_limited_predictions_stay_pending_and_go_again(
             await miner.submit_predictions([make_prediction(f"fast-{i:03d}", games[i % 3]) for i in range(count)])
             await nursery.start(miner.run)
             await eventually(lambda: all_settled([miner], count), limit=30, what="the backlog")
-            assert validator.stats()["rejections"].get("rate limited", 0) > 0
+            assert validator.stats()["rejections"].get("rate limited", 0) == 0
             assert await validator.db.run(validator.store.count_predictions) == count
             await assert_databases_agree(validator, [miner])
             nursery.cancel_scope.cancel()

@@ -262,6 +262,13 @@ class LinkConnection:
         protocol = self.protocol
         concurrent = protocol.settings.handler_concurrency > 1
         while True:
+            delay = protocol.read_delay(trio.current_time())
+            if isinstance(delay, LinkClose):
+                self.end(delay)
+                await trio.lowlevel.checkpoint()
+                continue
+            if delay > 0:
+                await trio.sleep(delay)  # backpressure: the peer is above its rate
             raw = await self._ws.get_message()
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("<- %s %s", self.hotkey, bounded(raw, _LOG_TRUNCATE))

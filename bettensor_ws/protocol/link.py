@@ -105,6 +105,9 @@ class ConnectionSettings:
     send_queue_size: int = attrs.field(default=256, validator=_at_least_one)
     close_timeout: float = attrs.field(default=1.0, validator=_positive)
     auth_timeout: float = attrs.field(default=10.0, validator=_positive)
+    flood_after: float = attrs.field(default=10.0, validator=_positive)
+    """Seconds a peer may keep its reader held back by the rate limit without a
+    pause (backpressure it does not heed) before it is closed for flooding."""
     replay_window: float = attrs.field(default=300.0, validator=_positive)
 
     @property
@@ -245,6 +248,8 @@ class LinkProtocol:
         if bucket is None and settings.rate_limit:
             bucket = TokenBucket(settings.rate_limit, settings.rate_burst, now=now)
         self.bucket = bucket
+        self._paced = False
+        self._paced_since: float | None = None
         self.last_recv = now
         self.next_beat = now + settings.heartbeat_interval
         self.sending_since: float | None = None
@@ -277,7 +282,8 @@ class LinkProtocol:
             # decided to end (deregistered, replaced, flooding): a frame already
             # read reaches no handler
             return Close(self.closing)
-        if self.bucket is not None and not self.bucket.take(now):
+        paced, self._paced = self._paced, False
+        if self.bucket is not None and not self.bucket.take(now, forgive=not paced):
             if self.bucket.strikes > self.settings.strikes_allowed:
                 return Close(FLOODED)
             return self._refuse(Refusal(RefusalKind.RATE_LIMITED))
@@ -328,6 +334,30 @@ class LinkProtocol:
         if named == self.own_hotkey or (isinstance(named, str) and canonical_hotkey(named) == self.own_hotkey):
             return None
         return Refusal(RefusalKind.MISADDRESSED, bounded(named, 64))
+
+    def read_delay(self, now: float) -> float | LinkClose:
+        """How long the reader waits before it takes the peer's next frame.
+
+        A peer above its rate is slowed, not refused: its frames are read at
+        the rate, and TCP slows the sender, so a burst from a peer that never
+        resends (a reference miner) loses nothing. A peer that keeps the reader
+        paced without a pause for
+        ``flood_after`` seconds is a flood that backpressure does not contain,
+        and is closed (then cooled down).
+        """
+        if self.bucket is None or self.closing is not None:
+            return 0.0
+        wait = self.bucket.wait_for(now)
+        if wait <= 0:
+            self._paced_since = None  # the peer paused: it heeds the pace
+            return 0.0
+        if self._paced_since is None:
+            self._paced_since = now
+        elif now - self._paced_since > self.settings.flood_after:
+            self._stats.reject(RefusalKind.FLOODING)
+            return self.close(FLOODED)
+        self._paced = True
+        return wait
 
     def _refuse(self, refusal: Refusal, nonce: object = None) -> Refuse:
         """Only the validator answers refused frames: two peers must not ping-pong errors."""

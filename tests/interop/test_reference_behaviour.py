@@ -333,7 +333,6 @@ def test_d_the_reference_unsigned_error_frame_is_one_warning(
 # --------------------------------------------------------------------------- e: the burst
 
 
-@pytest.mark.xfail(strict=False, reason="backpressure for the rate limit not yet landed")
 def test_e_a_reference_burst_of_300_is_all_stored(tmp_path: Path) -> None:
     """e: 300 predictions back to back, each signed, never paced or resent, against the
     default rate limit (50/s, burst 200): the validator slows the sender, all 300 stored."""

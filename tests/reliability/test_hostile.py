@@ -715,23 +715,22 @@ async def flooder_cools_down(port: int, flooder: Keypair) -> None:
 
 
 async def test_flood_over_rate_limit(alice: Keypair, bob: Keypair, charlie: Keypair) -> None:
-    """Over the rate: "rate limited" errors, then 1008 "rate limit exceeded"; the burst is handled.
-
-    The rate is 1/s so that 200 refusals in a row fit between two tokens (see the
-    next test for the default rate). Then the flooder cools down; others are served.
+    """Over the rate a flooder is slowed (backpressure: no refusals), then closed 1008
+    "rate limit exceeded" once it has kept the reader paced for ``flood_after``; the burst is
+    handled. Then the flooder cools down; others are served.
     """
-    rate, burst = 1.0, 200
-    validator, handler = make_validator(alice, rate_limit=rate, rate_burst=burst, auth_timeout=1.0)
+    rate, burst = 10.0, 200
+    validator, handler = make_validator(
+        alice, rate_limit=rate, rate_burst=burst, flood_after=2.0, auth_timeout=1.0
+    )
     frames = [signed(prediction(bob, f"f{i}"), bob) for i in range(1000)]
     async with serving(validator) as port:
         closed, replies, elapsed = await flood(port, bob, frames, STEP)
         assert closed is not None, "the flooder was never closed"
         assert (closed.code, closed.reason) == (1008, "rate limit exceeded")
         confirmed = [r for r in replies if isinstance(r, ConfirmationMessage)]
-        limited = [r for r in replies if isinstance(r, ErrorMessage)]
-        assert {r.message for r in limited} == {"rate limited"}
-        assert len(limited) >= 100
-        # only frames within the bucket reached the handler, each confirmed once
+        assert not [r for r in replies if isinstance(r, ErrorMessage)]
+        # only frames within the budget reached the handler, each confirmed once
         assert burst <= handler.calls <= burst + rate * elapsed + 1
         assert [r.data["prediction_id"] for r in confirmed] == handler.ids[: len(confirmed)]
         assert validator.stats()["rejections"]["flooding"] == 1
@@ -745,7 +744,7 @@ async def test_flood_at_default_rate_is_closed(
 ) -> None:
     validator, handler = make_validator(alice, auth_timeout=1.0)  # rate_limit=50, rate_burst=200
     async with serving(validator) as port:
-        closed, replies, elapsed = await flood(port, bob, ["{}"], 4.0)
+        closed, replies, elapsed = await flood(port, bob, ["{}"], 20.0)
         refused = validator.stats()["rejections"]
         print(
             f"default-rate flood: {len(replies)} replies in {elapsed:.1f}s, closed={closed}, {refused}"
@@ -933,8 +932,8 @@ async def latency_under_attack(
     # the attack really happened: floods closed, garbage refused, slowloris timed out
     if slowloris and auth_timeout < 2:
         assert stats["rejections"].get("auth timeout", 0) >= slowloris, figures
-    if "flood" in parts:
-        assert stats["rejections"].get("rate limited", 0) >= 100, figures
+    if "flood" in parts:  # slowed by backpressure, then closed for flooding
+        assert stats["rejections"].get("flooding", 0) >= 1, figures
     assert handler.calls == miners * per_miner * (2 * repeats + 1) + 1
     assert statistics.median(attack) <= 2 * statistics.median(quiet), figures
     return figures

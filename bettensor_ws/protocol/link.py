@@ -357,6 +357,7 @@ class LinkProtocol:
             self._stats.reject(RefusalKind.FLOODING)
             return self.close(FLOODED)
         self._paced = True
+        self._stats.paced_frames += 1
         return wait
 
     def _refuse(self, refusal: Refusal, nonce: object = None) -> Refuse:

@@ -27,6 +27,8 @@ class Stats:
         self.connections_total = 0
         self.reconnects = 0
         self.dropped_broadcasts = 0
+        self.paced_frames = 0
+        """Frames read late because their peer was above its rate (backpressure)."""
 
     def reject(self, kind: RefusalKind) -> None:
         self.rejections[kind.key] += 1
@@ -40,5 +42,6 @@ class Stats:
             "rejections": dict(self.rejections),
             "reconnects": self.reconnects,
             "dropped_broadcasts": self.dropped_broadcasts,
+            "paced_frames": self.paced_frames,
             "uptime": time.monotonic() - self.started,
         }

@@ -450,15 +450,16 @@ class MinerNode(MinerWebSocketManager):
             except sqlite3.Error as exc:
                 log.warning("reading the outbox for %s failed (%s); retrying", hotkey, exc)
                 wait = 1.0
+            sized: list[tuple[dict[str, Any], int]] = []
             if pending:
-                read = len(pending)
-                pending = await self._settle_unfittable(connection, pending)
-                if len(pending) < read:
+                sized = await self._settle_unfittable(connection, pending)
+                if len(sized) < len(pending):
                     wait = 0.0  # settled some: the window has room for the next at once
+                pending = [prediction for prediction, _ in sized]
             if pending:
                 gone: list[str] = []
                 if batched:
-                    for chunk in self._chunks(connection, pending):
+                    for chunk in self._chunks(connection, sized):
                         await self._send(connection, outbox, chunk, {"predictions": chunk})
                         gone += (str(p.get("prediction_id")) for p in chunk)
                 else:
@@ -514,18 +515,20 @@ class MinerNode(MinerWebSocketManager):
 
     async def _settle_unfittable(
         self, connection: LinkConnection, pending: list[dict[str, Any]]
-    ) -> list[dict[str, Any]]:
+    ) -> list[tuple[dict[str, Any], int]]:
         """Settle as rejected, with a WARNING, each prediction no frame to this
-        validator can carry (over its frame or prediction limit); the rest go on."""
+        validator can carry (over its frame or prediction limit); the rest go on,
+        each with its size as JSON."""
         limits = connection.protocol.peer_limits
         room = self._frame_room(connection)
         if limits.max_prediction_bytes is not None:
             room = min(room, limits.max_prediction_bytes)
-        fits, refused = [], []
+        fits: list[tuple[dict[str, Any], int]] = []
+        refused = []
         for prediction in pending:
             size = len(orjson.dumps(prediction))
             if size <= room:
-                fits.append(prediction)
+                fits.append((prediction, size))
             else:
                 reason = f"prediction of {size} bytes over the limit of {room} bytes this validator accepts"
                 refused.append((str(prediction.get("prediction_id")), "error", reason))
@@ -535,15 +538,18 @@ class MinerNode(MinerWebSocketManager):
             await self.db.run(self.store.record_results, connection.hotkey, refused)
         return fits
 
-    def _chunks(self, connection: LinkConnection, pending: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
-        """Batches of at most ``batch_size`` (and ``MAX_BATCH``) predictions that each fit one frame."""
+    def _chunks(
+        self, connection: LinkConnection, sized: list[tuple[dict[str, Any], int]]
+    ) -> list[list[dict[str, Any]]]:
+        """Batches of at most ``batch_size`` (and ``MAX_BATCH``) predictions, given with
+        their sizes, that each fit one frame."""
         room = self._frame_room(connection)
         most = min(self.batch_size, MAX_BATCH)
         chunks: list[list[dict[str, Any]]] = []
         chunk: list[dict[str, Any]] = []
         used = 0
-        for prediction in pending:
-            size = len(orjson.dumps(prediction)) + 1
+        for prediction, length in sized:
+            size = length + 1  # and its comma
             if chunk and (len(chunk) >= most or used + size > room):
                 chunks.append(chunk)
                 chunk, used = [], 0

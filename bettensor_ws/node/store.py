@@ -405,14 +405,15 @@ class ValidatorStore(_Store):
                     if pid
                 ]
             )
+            # each prediction's day, read once: the wager sums to load, then the rules
+            days = [[prediction_day(data, batch.moment) for data in predictions] for _, predictions in jobs]
             batch.wagered = self._wagered(
-                {
-                    (hotkey, prediction_day(data, batch.moment))
-                    for hotkey, predictions in jobs
-                    for data in predictions
-                }
+                {(hotkey, day) for (hotkey, _), job_days in zip(jobs, days, strict=True) for day in job_days}
             )
-            results = [self._decide(batch, hotkey, predictions) for hotkey, predictions in jobs]
+            results = [
+                self._decide(batch, hotkey, predictions, job_days)
+                for (hotkey, predictions), job_days in zip(jobs, days, strict=True)
+            ]
             _insert_rows(
                 db,
                 "predictions (prediction_id, miner_hotkey, game_id, wager, predicted_outcome, "
@@ -441,12 +442,13 @@ class ValidatorStore(_Store):
         self._recorded_refusals = {k: v for k, v in self._recorded_refusals.items() if k[1] == day}
 
     def _decide(
-        self, batch: _Batch, miner_hotkey: str, predictions: Sequence[dict[str, Any]]
+        self, batch: _Batch, miner_hotkey: str, predictions: Sequence[dict[str, Any]], days: Sequence[str]
     ) -> list[PredictionResult]:
-        """Answer one job's predictions against what the group has seen so far."""
+        """Answer one job's predictions (each counting on its day) against what the
+        group has seen so far."""
         results: list[PredictionResult] = []
         answered = batch.answered
-        for data in predictions:
+        for data, day in zip(predictions, days, strict=True):
             pid = prediction_id_of(data)
             body = canonical(data)
             digest = _digest(body)
@@ -459,7 +461,6 @@ class ValidatorStore(_Store):
                         _result(pid, "error", "prediction_id already used for another prediction")
                     )
                 continue
-            day = prediction_day(data, batch.moment)
             wagered = batch.wagered.get((miner_hotkey, day), 0.0)
             reason = check_prediction(
                 data, game=self._game_for(data.get("game_id")), wagered_today=wagered, now=batch.moment

@@ -248,7 +248,6 @@ class LinkProtocol:
         if bucket is None and settings.rate_limit:
             bucket = TokenBucket(settings.rate_limit, settings.rate_burst, now=now)
         self.bucket = bucket
-        self._paced = False
         self._paced_since: float | None = None
         self.last_recv = now
         self.next_beat = now + settings.heartbeat_interval
@@ -282,8 +281,7 @@ class LinkProtocol:
             # decided to end (deregistered, replaced, flooding): a frame already
             # read reaches no handler
             return Close(self.closing)
-        paced, self._paced = self._paced, False
-        if self.bucket is not None and not self.bucket.take(now, forgive=not paced):
+        if self.bucket is not None and not self.bucket.take(now):
             if self.bucket.strikes > self.settings.strikes_allowed:
                 return Close(FLOODED)
             return self._refuse(Refusal(RefusalKind.RATE_LIMITED))
@@ -356,7 +354,6 @@ class LinkProtocol:
         elif now - self._paced_since > self.settings.flood_after:
             self._stats.reject(RefusalKind.FLOODING)
             return self.close(FLOODED)
-        self._paced = True
         self._stats.paced_frames += 1
         return wait
 

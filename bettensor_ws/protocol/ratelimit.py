@@ -33,18 +33,15 @@ class TokenBucket:
         tokens = min(float(self.burst), self.tokens + max(0.0, now - self.updated) * self.rate)
         return max(0.0, (n - tokens) / self.rate)
 
-    def take(self, now: float, n: int = 1, *, forgive: bool = True) -> bool:
-        """Spend ``n`` tokens if there are that many; False (and a strike) if not.
-
-        ``forgive=False``: a take that had to wait for its tokens (paced) does
-        not pay back a strike."""
+    def take(self, now: float, n: int = 1) -> bool:
+        """Spend ``n`` tokens if there are that many; False (and a strike) if not."""
         elapsed = now - self.updated
         if elapsed > 0:
             self.tokens = min(float(self.burst), self.tokens + elapsed * self.rate)
             self.updated = now
         if self.tokens >= n - 1e-9:  # a paced reader wakes exactly at the refill
             self.tokens -= n
-            if self.strikes and forgive:
+            if self.strikes:
                 self.strikes -= 1
             return True
         self.strikes += 1

@@ -244,7 +244,3 @@ class ReplayGuard:
             self._add(sender, int(digest), int(second), now, mono)
             loaded += 1
         return loaded
-
-    def expires(self, second: int) -> float:
-        """Wall-clock time after which an entry of timestamp ``second`` may be forgotten."""
-        return second + 1 + self.window

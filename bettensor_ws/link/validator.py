@@ -73,6 +73,10 @@ def _hotkeys_of(metagraph: Any) -> frozenset[str] | None:
     return frozenset(filter(None, (canonical_hotkey(str(h)) for h in hotkeys)))
 
 
+def _wire_games(games: Iterable[TeamGame | dict[str, Any]]) -> list[dict[str, Any]]:
+    return [wire_game(converter.unstructure(g) if isinstance(g, TeamGame) else dict(g)) for g in games]
+
+
 class ValidatorWebSocketManager(Manager):
     """Serves miners on ``ws://host:port/ws``.
 
@@ -172,15 +176,20 @@ class ValidatorWebSocketManager(Manager):
 
     async def broadcast_game_updates(self, games: Iterable[TeamGame | dict[str, Any]]) -> int | None:
         """Broadcast games; None (skipped) when identical to the last update sent."""
-        rows = [wire_game(converter.unstructure(g) if isinstance(g, TeamGame) else dict(g)) for g in games]
+        rows = _wire_games(games)
         digest = hashlib.sha256(orjson.dumps(rows, option=orjson.OPT_SORT_KEYS)).hexdigest()
         if digest == self._last_games_digest:
             await trio.lowlevel.checkpoint()
             return None
         self._last_games_digest = digest
-        return await self.broadcast(
-            GameUpdateMessage(sender=self.hotkey, data={"games": rows, "timestamp": now_iso()})
-        )
+        return await self.broadcast(self._game_update(rows))
+
+    def game_update(self, games: Iterable[TeamGame | dict[str, Any]]) -> GameUpdateMessage:
+        """``games`` as one update, each game as every peer reads it (see :func:`wire_game`)."""
+        return self._game_update(_wire_games(games))
+
+    def _game_update(self, rows: list[dict[str, Any]]) -> GameUpdateMessage:
+        return GameUpdateMessage(sender=self.hotkey, data={"games": rows, "timestamp": now_iso()})
 
     # ---- serving ---------------------------------------------------------------------------
 

@@ -21,12 +21,11 @@ from ..link.validator import ValidatorWebSocketManager
 from ..protocol.dispatch import INTERNAL_ERROR, Connection
 from ..protocol.messages import (
     MAX_ID,
-    GameUpdateMessage,
     PredictionMessage,
     WebSocketMessage,
     now_iso,
 )
-from ..protocol.payloads import TeamGame, converter, wire_game
+from ..protocol.payloads import TeamGame, converter
 from ..protocol.signing import Signer
 from .committer import GroupCommitter
 from .dbthread import DbThread
@@ -105,14 +104,12 @@ class ValidatorNode(ValidatorWebSocketManager):
                 for item, problem in zip(items, problems, strict=True)
             ]
 
-        if not predictions and isinstance(websocket, LinkConnection) and self._committing:
-            websocket.queue_results(merged([]), together=is_batch)
-            await trio.lowlevel.checkpoint()
-            return
-        if not predictions:
-            results = merged([])
-        elif self._committing and isinstance(websocket, LinkConnection):
+        if self._committing and isinstance(websocket, LinkConnection):
             conn = websocket
+            if not predictions:  # nothing for the disk: every item is answered now
+                conn.queue_results(merged([]), together=is_batch)
+                await trio.lowlevel.checkpoint()
+                return
             # At most JOBS_PER_PEER of one miner's frames wait for the disk: its
             # reader waits for the rest (backpressure), so what one peer holds in
             # memory is bounded whatever the committer's queue would take.
@@ -131,6 +128,8 @@ class ValidatorNode(ValidatorWebSocketManager):
                 slots.release()
                 raise
             return
+        if not predictions:
+            results = merged([])
         else:
             try:  # without serve() (a handler test, a MockWebSocket): commit on its own
                 results = merged(await self.db.run(self.store.submit, websocket.hotkey, predictions))
@@ -160,11 +159,7 @@ class ValidatorNode(ValidatorWebSocketManager):
                 await trio.sleep(delay)
                 delay = min(delay * 2, 30.0)
         if games:
-            await connection.send_message(
-                GameUpdateMessage(
-                    sender=self.hotkey, data={"games": [wire_game(g) for g in games], "timestamp": now_iso()}
-                )
-            )
+            await connection.send_message(self.game_update(games))
 
     async def update_games(self, games: Iterable[TeamGame | dict[str, Any]]) -> int | None:
         """Store games, then broadcast them; returns how many miners got the update."""

@@ -222,7 +222,7 @@ async def test_the_miner_dials_the_subnets_validators_and_follows_refreshes(
             assert await pending_for(alice.ss58_address) == 2
             # dave sent his games on connect: bob predicts all three for dave, confirmed
             with trio.fail_after(WAIT):
-                while (await miner.db.run(miner.store.counts, dave.ss58_address))["confirmed"] < 3:
+                while (await miner.db.run(miner.store.counts, dave.ss58_address))["confirmed"] < 3:  # noqa: ASYNC110
                     await trio.sleep(0.02)
 
             # alice comes back, serving: her pending predictions are delivered
@@ -248,7 +248,7 @@ async def test_the_miner_dials_the_subnets_validators_and_follows_refreshes(
                 )}
 
             with trio.fail_after(WAIT):
-                while await miner.db.run(states) != {"confirmed"}:
+                while await miner.db.run(states) != {"confirmed"}:  # noqa: ASYNC110
                     await trio.sleep(0.02)
             nursery.cancel_scope.cancel()
     finally:

@@ -303,3 +303,70 @@ async def test_set_validators_dials_redials_and_drops(alice: Keypair, bob: Keypa
         await trio.sleep(600)  # mock time: many reconnect intervals
         assert len(net.dials[new]) == dials
         nursery.cancel_scope.cancel()
+
+
+# ---- the CLI's wiring, in-process, on a live (fake) chain ----------------------------------
+
+
+async def test_the_cli_nodes_follow_the_chain(
+    tmp_path: Path, alice: Keypair, bob: Keypair, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``run_validator`` and ``run_miner`` as ``bettensor-ws`` runs them, on one chain
+    that changes under them (refreshed every second): the miner finds the validator's
+    axon, the validator admits the miner by its UID, drops it when it deregisters and
+    admits it again when it is back; the miner drops the validator when its axon goes."""
+    import sys
+
+    from bettensor_ws.node import chain as chain_module
+    from bettensor_ws.node.cli import build_parser, run_miner, run_validator
+
+    fake = FakeSubstrate(NETUID, [Peer(alice.ss58_address, 100, True), Peer(bob.ss58_address, 1.0)])
+    real_open = chain_module.open_subtensor
+    monkeypatch.setattr(
+        chain_module, "open_subtensor",
+        lambda network, endpoint, substrate=None: real_open(network, endpoint, substrate=fake),
+    )
+    monkeypatch.setattr(sys, "setswitchinterval", lambda interval: None)  # the validator's, process-wide
+    caplog.set_level(logging.INFO)
+    chain = ["--netuid", str(NETUID), "--subtensor.network", "test", "--metagraph-refresh", "1"]
+    validator_args = build_parser().parse_args(
+        ["validator", "--port", "0", "--hotkey-uri", "//Alice", "--db", str(tmp_path / "v.db"), *chain]
+    )
+    miner_args = build_parser().parse_args(
+        ["miner", "--hotkey-uri", "//Bob", "--db", str(tmp_path / "m.db"), *chain, "--reconnect-max", "1"]
+    )
+    out = ""
+
+    async def logged(text: str) -> None:
+        await until(lambda: text in caplog.text, text)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run_validator, validator_args)
+
+        def listening() -> bool:
+            nonlocal out
+            out += capsys.readouterr().out
+            return "listening on " in out
+
+        await until(listening, "the validator's URL")
+        url = out.split("listening on ", 1)[1].split()[0]
+        port = int(url.rsplit(":", 1)[1].removesuffix("/ws"))
+        registered = [Peer(alice.ss58_address, 100, True, "127.0.0.1", port), Peer(bob.ss58_address, 1.0)]
+        fake.set(registered)
+        nursery.start_soon(run_miner, miner_args)
+        await logged(f"validator {alice.ss58_address} (uid 0) at {url}: dialling")
+        await logged(f"miner {bob.ss58_address} (uid 1) connected")
+        # bob deregisters: the validator's next refresh closes his link
+        fake.set(registered[:1])
+        await logged("ended (1008 hotkey deregistered)")
+        await logged("hotkey not registered")  # and his reconnects are refused
+        # bob is back: admitted again at a reconnect
+        fake.set(registered)
+        caplog.clear()
+        await logged(f"miner {bob.ss58_address} (uid 1) connected")
+        # alice stops serving: the miner drops her
+        fake.set([Peer(alice.ss58_address, 100, True), Peer(bob.ss58_address, 1.0)])
+        await logged(f"validator {alice.ss58_address} left the subnet")
+        await logged(f"miner {bob.ss58_address} (uid 1) disconnected (1001")
+        nursery.cancel_scope.cancel()

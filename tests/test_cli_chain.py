@@ -232,13 +232,17 @@ def test_a_restart_without_the_chain_goes_on_with_the_snapshots(tmp_path: Path, 
     wait_stderr(miner, "going on with the snapshot", f"validator {ALICE} (uid 0) at {url}: dialling",
                 f"connected to validator {ALICE}")
     wait_stderr(validator, f"miner {BOB} (uid 1) connected")
-    # charlie (not in the snapshot) is refused
+    # charlie (in neither snapshot) finds alice in bob's snapshot, is told he is not
+    # registered, and alice refuses him
+    (tmp_path / "c.db.metagraph-7.json").write_bytes((tmp_path / "m.db.metagraph-7.json").read_bytes())
     charlie = CliProcess(
-        ["miner", "--hotkey-uri", "//Charlie", "--db", str(tmp_path / "c.db"), "--validator", f"{url}@{ALICE}"],
-        tmp_path / "charlie.stderr",
+        ["miner", "--hotkey-uri", "//Charlie", "--db", str(tmp_path / "c.db"), "--netuid", str(NETUID),
+         "--subtensor.chain_endpoint", endpoint], tmp_path / "charlie.stderr",
     )
     procs.append(charlie)
-    wait_stderr(charlie, "hotkey not registered")
+    wait_stderr(charlie, f"this miner's hotkey {CHARLIE} is not registered on netuid 7: validators will refuse it",
+                "hotkey not registered")
+    assert "is not registered on netuid" not in validator.stderr() + miner.stderr()
     # SIGHUP: the refresh fails (no chain) and the old metagraph stays; nobody dies
     validator.proc.send_signal(signal.SIGHUP)
     miner.proc.send_signal(signal.SIGHUP)

@@ -280,13 +280,19 @@ def _chain_source(args: argparse.Namespace) -> Any:
         raise UsageError(str(exc)) from None
 
 
-async def _first_metagraph(source: Any) -> Any:
+async def _first_metagraph(source: Any, hotkey: str, role: str) -> Any:
+    """The first metagraph (the chain's, else the snapshot's); warns when our own hotkey
+    is not on it, since the other side then refuses us (or never dials us)."""
     from .chain import ChainError
 
     try:
-        return await source.start()
+        graph = await source.start()
     except ChainError as exc:
         raise UsageError(str(exc)) from None
+    if graph.uid_of(hotkey) is None:
+        consequence = "miners will not find it" if role == "validator" else "validators will refuse it"
+        log.warning("this %s's hotkey %s is not registered on netuid %d: %s", role, hotkey, graph.netuid, consequence)
+    return graph
 
 
 async def run_validator(args: argparse.Namespace) -> None:
@@ -318,7 +324,7 @@ async def run_validator(args: argparse.Namespace) -> None:
             raise UsageError(str(exc)) from None
     allowed = _read_allow_file(args.allow_file) if args.allow_file else None
     chain = _chain_source(args)
-    graph = await _first_metagraph(chain) if chain is not None else None
+    graph = await _first_metagraph(chain, keypair.ss58_address, "validator") if chain is not None else None
     node = _open_store(
         lambda: ValidatorNode(
             keypair, args.db, allowed, host=args.host, port=args.port,
@@ -427,7 +433,7 @@ async def run_miner(args: argparse.Namespace) -> None:
         raise UsageError("--reconnect-max must be at least 1 (the first reconnect waits 1 s)")
     keypair = load_keypair(args)
     chain = _chain_source(args)
-    graph = await _first_metagraph(chain) if chain is not None else None
+    graph = await _first_metagraph(chain, keypair.ss58_address, "miner") if chain is not None else None
     node = _open_store(
         lambda: MinerNode(
             keypair, validators, args.db, wager=args.wager,

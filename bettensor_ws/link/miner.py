@@ -58,7 +58,8 @@ class MinerWebSocketManager(Manager):
 
     ``validators`` pairs each validator's ss58 hotkey with its URL
     (``ws://host:port/ws``); the Welcome must be signed by that hotkey, so a
-    miner never talks to an impostor. Start it with ``await nursery.start(miner.run)``.
+    miner never talks to an impostor. Start it with ``await nursery.start(miner.run)``;
+    :meth:`set_validators` changes the list while it runs (a metagraph refresh).
     """
 
     ROLE = Role.MINER

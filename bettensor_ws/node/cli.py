@@ -341,23 +341,23 @@ async def run_validator(args: argparse.Namespace) -> None:
 
     async def reload() -> None:
         """SIGHUP: the allow file now; the games and the metagraph by their followers."""
-        what = []
+        what = [f"the allow file {args.allow_file}"] if args.allow_file else []
+        what += [f"the {follower.source.label}"] if follower is not None else []
+        what += [f"the metagraph of netuid {args.netuid}"] if chain is not None else []
+        log.info("SIGHUP: reloading %s", ", ".join(what) or "nothing (no --allow-file, --games, --games-url or --netuid)")
+        if follower is not None:
+            follower.poke()
+        if chain is not None:
+            chain.poke()
         if args.allow_file:
-            what.append(f"the allow file {args.allow_file}")
             try:
                 hotkeys = await trio.to_thread.run_sync(_read_allow_file, args.allow_file)
             except UsageError as exc:
                 log.warning("allow file not reloaded: %s; the old list stays", exc)
-            else:
-                node.set_allow_list(hotkeys)
-                log.info("allow file %s reloaded: %d hotkeys", args.allow_file, len(hotkeys))
-        if follower is not None:
-            what.append(f"the {follower.source.label}")
-            follower.poke()
-        if chain is not None:
-            what.append(f"the metagraph of netuid {args.netuid}")
-            chain.poke()
-        log.info("SIGHUP: reloading %s", ", ".join(what) or "nothing (no --allow-file, --games, --games-url or --netuid)")
+                return
+            node.set_allow_list(hotkeys)
+            log.info("allow file %s reloaded: %d hotkeys", args.allow_file, len(hotkeys))
+        await trio.lowlevel.checkpoint()
 
     try:
         async with trio.open_nursery() as nursery:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -284,6 +285,15 @@ async def test_follow_applies_each_refresh_and_a_poke_refreshes_at_once(tmp_path
     assert applied[0].hotkeys == [BOB, CHARLIE, DAVE, EVE]
 
 
+async def until(predicate: Any) -> None:
+    """Wait for a worker thread to get somewhere. The mock clock stands still meanwhile,
+    so the bound is real time (30 s, for a thread that needs milliseconds)."""
+    deadline = time.monotonic() + 30.0
+    while not predicate():
+        assert time.monotonic() < deadline, "the worker thread never got there"
+        await trio.lowlevel.checkpoint()
+
+
 async def test_follow_refreshes_every_interval(tmp_path: Path, mock_clock: trio.testing.MockClock) -> None:
     """The interval is mock time, moved by hand (the reads run in threads, which an
     autojump clock would jump over)."""
@@ -298,17 +308,9 @@ async def test_follow_refreshes_every_interval(tmp_path: Path, mock_clock: trio.
         assert applied == []
         for n in (1, 2, 3):
             mock_clock.jump(600.0 if n > 1 else 1.0)
-            while len(applied) < n:  # the read's thread returns at once  # noqa: ASYNC110
-                await trio.lowlevel.checkpoint()
+            await until(lambda n=n: len(applied) == n)  # the read's thread returns at once
         nursery.cancel_scope.cancel()
     assert applied == [600.0, 1200.0, 1800.0]
-
-
-async def until(predicate: Any) -> None:
-    """Wait for a worker thread to get somewhere (the mock clock stands still meanwhile)."""
-    with trio.fail_after(30):  # mock time: never fires unless jumped; the real bound is pytest's
-        while not predicate():  # noqa: ASYNC110
-            await trio.lowlevel.checkpoint()
 
 
 async def test_a_hung_read_is_abandoned_and_not_piled_up(

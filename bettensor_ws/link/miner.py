@@ -58,7 +58,8 @@ class MinerWebSocketManager(Manager):
 
     ``validators`` pairs each validator's ss58 hotkey with its URL
     (``ws://host:port/ws``); the Welcome must be signed by that hotkey, so a
-    miner never talks to an impostor. Start it with ``await nursery.start(miner.run)``.
+    miner never talks to an impostor. Start it with ``await nursery.start(miner.run)``;
+    :meth:`set_validators` changes the list while it runs (a metagraph refresh).
     """
 
     ROLE = Role.MINER
@@ -92,12 +93,36 @@ class MinerWebSocketManager(Manager):
         self._open_stream = stream_opener or self._open_tcp
         self._changed = trio.Event()
         self.last_error: dict[str, str] = {}
+        # while run() is running: its nursery, and each validator's supervisor scope
+        self._nursery: trio.Nursery | None = None
+        self._supervisors: dict[str, trio.CancelScope] = {}
 
     @property
     def max_message_size(self) -> int:
         return self.settings.max_message_size
 
     # ---- configuration ---------------------------------------------------------------------
+
+    def set_validators(self, validators: Iterable[tuple[str, str]]) -> tuple[list[str], list[str]]:
+        """Follow a new list of ``(hotkey, url)``: dial the new ones, drop the departed.
+
+        A validator whose URL changed is dropped and dialled again at its new URL.
+        Returns ``(added, removed)`` hotkeys. Dropping a validator closes its link
+        (1001 going away) and stops its reconnects; nothing else about it is touched.
+        """
+        wanted = {_validator_key(h): url for h, url in validators}
+        removed = [h for h, url in self.validators.items() if wanted.get(h) != url]
+        added = [h for h, url in wanted.items() if self.validators.get(h) != url]
+        self.validators = wanted
+        for hotkey in removed:
+            scope = self._supervisors.pop(hotkey, None)
+            if scope is not None:
+                scope.cancel()
+            self.last_error.pop(hotkey, None)
+        if self._nursery is not None:
+            for hotkey in added:
+                self._start_supervisor(self._nursery, hotkey, wanted[hotkey])
+        return added, removed
 
     # ---- state -----------------------------------------------------------------------------
 
@@ -145,9 +170,25 @@ class MinerWebSocketManager(Manager):
         """Supervise one link per validator until cancelled."""
         with plain_errors():
             async with trio.open_nursery() as nursery:
-                for hotkey, url in self.validators.items():
-                    nursery.start_soon(self._supervise, hotkey, url, name=f"supervise {hotkey[:8]}")
-                task_status.started()
+                self._nursery = nursery
+                try:
+                    for hotkey, url in self.validators.items():
+                        self._start_supervisor(nursery, hotkey, url)
+                    task_status.started()
+                    await trio.sleep_forever()
+                finally:
+                    self._nursery = None
+                    self._supervisors.clear()
+
+    def _start_supervisor(self, nursery: trio.Nursery, validator_hotkey: str, url: str) -> None:
+        # the scope exists before the task starts: set_validators may cancel it at once
+        scope = trio.CancelScope()
+        self._supervisors[validator_hotkey] = scope
+        nursery.start_soon(self._supervise_in, scope, validator_hotkey, url, name=f"supervise {validator_hotkey[:8]}")
+
+    async def _supervise_in(self, scope: trio.CancelScope, validator_hotkey: str, url: str) -> None:
+        with scope:
+            await self._supervise(validator_hotkey, url)
 
     async def _supervise(self, validator_hotkey: str, url: str) -> None:
         backoff = Backoff(self.reconnect_base_interval, self.max_reconnect_interval)

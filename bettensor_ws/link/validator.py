@@ -159,6 +159,10 @@ class ValidatorWebSocketManager(Manager):
             self._connections[hotkey].end(DEREGISTERED)
         return dropped
 
+    def peer_label(self, hotkey: str) -> str:
+        """How a miner is named in the log; a node adds its UID."""
+        return hotkey
+
     # ---- state -----------------------------------------------------------------------------
 
     @property
@@ -375,7 +379,7 @@ class ValidatorWebSocketManager(Manager):
             old.end(REPLACED)
         self._connections[conn.hotkey] = conn
         self._stats.connections_total += 1
-        log.info("miner %s connected", conn.hotkey)
+        log.info("miner %s connected", self.peer_label(conn.hotkey))
         try:
             await self._serve_connection(conn)
         finally:
@@ -390,4 +394,4 @@ class ValidatorWebSocketManager(Manager):
                         "miner %s closed for flooding: refused for %g s",
                         conn.hotkey, self._cooldown.seconds,
                     )
-            log.info("miner %s disconnected (%d %s)", conn.hotkey, conn.close_code, conn.close_reason)
+            log.info("miner %s disconnected (%d %s)", self.peer_label(conn.hotkey), conn.close_code, conn.close_reason)

@@ -12,7 +12,7 @@ import logging
 import signal
 import sqlite3
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
@@ -72,18 +72,25 @@ def load_keypair(args: argparse.Namespace) -> Signer:
 
 
 def _read_allow_file(path: str) -> list[str]:
+    """One ss58 hotkey a line; ``#`` starts a comment. UsageError names every line
+    that is not a hotkey (with its number)."""
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"cannot read allow file {path}: {exc}") from None
     hotkeys = []
+    bad = []
     for number, line in enumerate(lines, 1):
-        entry = line.strip()
-        if not entry or entry.startswith("#"):
+        entry = line.split("#", 1)[0].strip()
+        if not entry:
             continue
         if canonical_hotkey(entry) is None:
-            raise UsageError(f"allow file {path}, line {number}: {entry[:64]!r} is not an ss58 address")
-        hotkeys.append(entry)
+            bad.append(f"line {number}: {entry[:64]!r} is not an ss58 address")
+        else:
+            hotkeys.append(entry)
+    if bad:
+        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+        raise UsageError(f"allow file {path}, " + "; ".join(bad[:5]) + more)
     return hotkeys
 
 
@@ -111,6 +118,71 @@ def _port(value: str) -> int:
     return port
 
 
+def _at_least(low: float, strict: bool = False) -> Any:
+    def parse(value: str) -> float:
+        try:
+            number = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid number {value!r}") from None
+        if not (number > low if strict else number >= low) or number == float("inf"):
+            raise argparse.ArgumentTypeError(f"{value} must be {'over' if strict else 'at least'} {low:g}")
+        return number
+
+    return parse
+
+
+def _netuid(value: str) -> int:
+    try:
+        netuid = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid netuid {value!r}") from None
+    if not 0 <= netuid <= 65535:
+        raise argparse.ArgumentTypeError(f"netuid {netuid} is outside 0-65535")
+    return netuid
+
+
+def _add_chain_options(parser: argparse.ArgumentParser, role: str) -> None:
+    """The subnet (both commands) and the game sources (the validator): issue 14."""
+    from .chain import DEFAULT_REFRESH, NETWORKS
+
+    group = parser.add_argument_group(
+        "subnet (needs the SDK: pip install 'bettensor_ws[chain]')",
+        "With --netuid the metagraph is read from the chain and kept beside --db "
+        "(DB.metagraph-NETUID.json), so a restart while the chain is unreachable goes on with it. "
+        "SIGHUP reads it again at once.",
+    )
+    group.add_argument("--netuid", type=_netuid, help="the subnet's uid")
+    group.add_argument(
+        "--subtensor.network", dest="subtensor_network", metavar="NAME",
+        help=f"{', '.join(NETWORKS)} (default: finney)",
+    )
+    group.add_argument(
+        "--subtensor.chain_endpoint", dest="subtensor_chain_endpoint", metavar="URL",
+        help="ws://HOST:PORT or wss://HOST:PORT of a subtensor node (overrides --subtensor.network)",
+    )
+    group.add_argument(
+        "--metagraph-refresh", type=_at_least(1.0), default=DEFAULT_REFRESH, metavar="SECONDS",
+        help="seconds between metagraph reads (default: %(default)g)",
+    )
+    if role == "validator":
+        from .games import DEFAULT_POLL
+
+        group.add_argument(
+            "--min-stake", type=_at_least(0.0), default=0.0, metavar="STAKE",
+            help="admit only miners with at least this total stake, in the subnet's units (default: 0)",
+        )
+        games = parser.add_argument_group("game sources (default: a simulated feed)")
+        games.add_argument(
+            "--games-url", metavar="URL",
+            help="poll an HTTP(S) endpoint serving the JSON list of games --games takes",
+        )
+        games.add_argument(
+            "--games-poll", type=_at_least(0.0, strict=True), default=DEFAULT_POLL, metavar="SECONDS",
+            help="seconds between looks at --games (re-read when it changes) or --games-url "
+            "(default: %(default)g); SIGHUP reads either at once",
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="bettensor-ws",
@@ -124,8 +196,14 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--host", default="127.0.0.1")
     v.add_argument("--port", type=_port, default=8765)
     v.add_argument("--db", default="validator.db")
-    v.add_argument("--games", help="JSON list of TeamGame objects (default: a simulated feed)")
-    v.add_argument("--allow-file", help="allowed miner hotkeys, one ss58 a line")
+    v.add_argument(
+        "--games", help="JSON list of TeamGame objects, re-read when it changes and on SIGHUP "
+        "(default: a simulated feed)",
+    )
+    v.add_argument(
+        "--allow-file", help="allowed miner hotkeys, one ss58 a line, # comments; re-read on SIGHUP "
+        "(with --netuid: admitted besides the subnet's)",
+    )
     v.add_argument("--heartbeat-interval", type=float, default=60.0)
     v.add_argument("--connection-timeout", type=float, default=300.0)
     v.add_argument("--max-message-size", type=int, default=1 << 20)
@@ -142,9 +220,13 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--feed-games", type=int, default=20, help="games in the simulated feed")
     v.add_argument("--feed-interval", type=float, default=5.0, help="seconds between simulated updates")
     _add_wallet(v)
+    _add_chain_options(v, "validator")
 
     m = sub.add_parser("miner", help="predict on game updates and deliver to validators")
-    m.add_argument("--validator", action="append", required=True, metavar="ws://HOST:PORT/ws@SS58")
+    m.add_argument(
+        "--validator", action="append", metavar="ws://HOST:PORT/ws@SS58",
+        help="a validator to dial (repeatable); with --netuid, besides those found on the subnet",
+    )
     m.add_argument("--db", default="miner.db")
     m.add_argument("--wager", type=float, default=1.0)
     m.add_argument("--heartbeat-interval", type=float, default=60.0)
@@ -154,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="longest wait between reconnect attempts, in seconds (at least 1)",
     )
     _add_wallet(m)
+    _add_chain_options(m, "miner")
 
     d = sub.add_parser("demo", help="a validator and miners on loopback, then a summary")
     d.add_argument("--miners", type=int, default=8)
@@ -173,42 +256,127 @@ async def _until_signalled(nursery: trio.Nursery) -> None:
             return
 
 
+async def _on_hangup(
+    reload: Callable[[], Awaitable[None]], *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """SIGHUP reloads (never ends the process); started before the node announces itself."""
+    with trio.open_signal_receiver(signal.SIGHUP) as signals:
+        task_status.started()
+        async for _ in signals:
+            await reload()
+
+
+def _chain_source(args: argparse.Namespace) -> Any:
+    """The metagraph source for ``--netuid`` (None without); bad options are a UsageError."""
+    if args.netuid is None:
+        if args.subtensor_network or args.subtensor_chain_endpoint:
+            raise UsageError("--subtensor.network and --subtensor.chain_endpoint need --netuid N")
+        return None
+    from .chain import ChainError, ChainSource
+
+    try:
+        return ChainSource.open(args.subtensor_network, args.subtensor_chain_endpoint, args.netuid, args.db)
+    except (ChainError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+
+
+async def _first_metagraph(source: Any, hotkey: str, role: str) -> Any:
+    """The first metagraph (the chain's, else the snapshot's); warns when our own hotkey
+    is not on it, since the other side then refuses us (or never dials us)."""
+    from .chain import ChainError
+
+    try:
+        graph = await source.start()
+    except ChainError as exc:
+        raise UsageError(str(exc)) from None
+    if graph.uid_of(hotkey) is None:
+        consequence = "miners will not find it" if role == "validator" else "validators will refuse it"
+        log.warning("this %s's hotkey %s is not registered on netuid %d: %s", role, hotkey, graph.netuid, consequence)
+    return graph
+
+
 async def run_validator(args: argparse.Namespace) -> None:
     # The DB thread hands the GIL back and forth with a busy event loop on every
     # SQLite call; with the default 5 ms switch interval each hand-back can stall
     # a group commit for that long.
     sys.setswitchinterval(SWITCH_INTERVAL)
     from . import ValidatorNode
-    from .feed import SimulatedFeed, load_games_file
+    from .feed import SimulatedFeed
+    from .games import GamesFile, GamesFollower, GamesSource, GamesUrl
 
     if not args.flood_cooldown >= 0:  # also refuses nan
         raise UsageError("--flood-cooldown must be at least 0 (0: no cooldown)")
     keypair = load_keypair(args)
     games: list[dict[str, Any]] | None = None
+    if args.games and args.games_url:
+        raise UsageError("give --games FILE or --games-url URL, not both")
+    source: GamesSource | None = None
     if args.games:
+        source = GamesFile(args.games)
         try:
-            games = load_games_file(args.games)
+            games = await source.fetch(True)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    elif args.games_url:
+        try:
+            source = GamesUrl(args.games_url)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
     allowed = _read_allow_file(args.allow_file) if args.allow_file else None
+    chain = _chain_source(args)
+    graph = await _first_metagraph(chain, keypair.ss58_address, "validator") if chain is not None else None
     node = _open_store(
         lambda: ValidatorNode(
             keypair, args.db, allowed, host=args.host, port=args.port,
             heartbeat_interval=args.heartbeat_interval, connection_timeout=args.connection_timeout,
             max_message_size=args.max_message_size, rate_limit=args.rate_limit,
             rate_burst=args.rate_burst, flood_cooldown=args.flood_cooldown,
-            require_audience=args.require_audience,
+            require_audience=args.require_audience, min_stake=args.min_stake,
         ),
         args.db,
     )
+    if graph is not None:
+        node.apply_metagraph(graph)
+    follower = GamesFollower(source, node.update_games) if source is not None else None
+
+    async def reload() -> None:
+        """SIGHUP: the allow file now; the games and the metagraph by their followers."""
+        what = [f"the allow file {args.allow_file}"] if args.allow_file else []
+        what += [f"the {follower.source.label}"] if follower is not None else []
+        what += [f"the metagraph of netuid {args.netuid}"] if chain is not None else []
+        log.info("SIGHUP: reloading %s", ", ".join(what) or "nothing (no --allow-file, --games, --games-url or --netuid)")
+        if follower is not None:
+            follower.poke()
+        if chain is not None:
+            chain.poke()
+        if args.allow_file:
+            try:
+                hotkeys = await trio.to_thread.run_sync(_read_allow_file, args.allow_file)
+            except UsageError as exc:
+                log.warning("allow file not reloaded: %s; the old list stays", exc)
+                return
+            node.set_allow_list(hotkeys)
+            log.info("allow file %s reloaded: %d hotkeys", args.allow_file, len(hotkeys))
+        await trio.lowlevel.checkpoint()
+
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_until_signalled, nursery)
+            await nursery.start(_on_hangup, reload)
             # Stored before the port opens: every miner gets them right after its
             # Welcome, and this first update is broadcast to nobody.
-            feed = SimulatedFeed(args.feed_games) if games is None else None
+            feed = SimulatedFeed(args.feed_games, owner=node.hotkey) if source is None else None
+            if feed is not None and args.wallet_name and not args.hotkey_uri:
+                log.warning(
+                    "wallet %s runs on the SIMULATED game feed: its games are made up; "
+                    "give --games FILE or --games-url URL for real games", args.wallet_name,
+                )
+            if isinstance(source, GamesUrl):
+                assert follower is not None
+                await follower.check(force=True)  # a failure is a WARNING: the stored games stay
             try:
-                await node.update_games(games if feed is None else feed.tick(0))
+                if feed is not None or games is not None:
+                    await node.update_games(games if feed is None else feed.tick(0))
             except sqlite3.Error as exc:
                 raise UsageError(f"cannot write database {args.db}: {exc}") from None
             try:
@@ -223,6 +391,10 @@ async def run_validator(args: argparse.Namespace) -> None:
             print(f"validator hotkey {node.hotkey}", flush=True)
             if feed is not None:
                 nursery.start_soon(_run_feed, node, feed, args.feed_interval)
+            if follower is not None:
+                nursery.start_soon(follower.follow, args.games_poll)
+            if chain is not None:
+                nursery.start_soon(chain.follow, node.apply_metagraph, args.metagraph_refresh)
     finally:
         node.close()
 
@@ -252,12 +424,16 @@ async def run_miner(args: argparse.Namespace) -> None:
     from . import MinerNode
     from .rules import DAILY_WAGER_LIMIT
 
-    validators = [_parse_validator_arg(v) for v in args.validator]
+    validators = [_parse_validator_arg(v) for v in args.validator or ()]
+    if not validators and args.netuid is None:
+        raise UsageError("no validator: give --validator ws://HOST:PORT/ws@SS58, or --netuid N to find them on the chain")
     if not 0 < args.wager <= DAILY_WAGER_LIMIT:
         raise UsageError(f"--wager must be a positive number, at most {DAILY_WAGER_LIMIT:g}")
     if not args.reconnect_max >= 1.0:  # also refuses nan
         raise UsageError("--reconnect-max must be at least 1 (the first reconnect waits 1 s)")
     keypair = load_keypair(args)
+    chain = _chain_source(args)
+    graph = await _first_metagraph(chain, keypair.ss58_address, "miner") if chain is not None else None
     node = _open_store(
         lambda: MinerNode(
             keypair, validators, args.db, wager=args.wager,
@@ -266,11 +442,25 @@ async def run_miner(args: argparse.Namespace) -> None:
         ),
         args.db,
     )
-    print(f"miner hotkey {node.hotkey}", flush=True)
+    if graph is not None:
+        node.apply_metagraph(graph)
+
+    async def reload() -> None:
+        if chain is None:
+            log.info("SIGHUP: nothing to reload (no --netuid)")
+            await trio.lowlevel.checkpoint()
+            return
+        log.info("SIGHUP: reloading the metagraph of netuid %d", args.netuid)
+        chain.poke()
+
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_until_signalled, nursery)
+            await nursery.start(_on_hangup, reload)
+            print(f"miner hotkey {node.hotkey}", flush=True)
             await nursery.start(node.run)
+            if chain is not None:
+                nursery.start_soon(chain.follow, node.apply_metagraph, args.metagraph_refresh)
     finally:
         node.close()
 

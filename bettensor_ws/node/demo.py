@@ -68,7 +68,7 @@ async def _demo(tmp: Path, n_miners: int, n_games: int, duration: float) -> int:
     validator = ValidatorNode(
         Keypair.create_from_uri("//Alice"), tmp / "validator.db", heartbeat_interval=5.0
     )
-    feed = SimulatedFeed(n_games)
+    feed = SimulatedFeed(n_games, owner=validator.hotkey)
     nodes: list[_DemoMiner] = []
     started = time.monotonic()
     async with trio.open_nursery() as nursery:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from datetime import UTC, datetime, timedelta
@@ -11,7 +12,7 @@ from typing import Any
 from ..protocol.errors import DecodeError
 from ..protocol.payloads import TeamGame, converter, structure_payload
 
-__all__ = ["SimulatedFeed", "load_games_file"]
+__all__ = ["SimulatedFeed", "load_games_file", "parse_games"]
 
 _TEAMS = [
     "Arsenal", "Chelsea", "Liverpool", "Everton", "Leeds", "Fulham", "Brentford", "Burnley",
@@ -21,11 +22,18 @@ _TEAMS = [
 
 
 class SimulatedFeed:
-    """Games starting within the next hours; ``tick()`` moves the odds of a few."""
+    """Games starting within the next hours; ``tick()`` moves the odds of a few.
 
-    def __init__(self, count: int = 20, *, seed: int | None = None, now: datetime | None = None) -> None:
+    With ``owner`` (the validator's hotkey) the game ids carry a tag of it:
+    ``sim-1a2b3c4d-00001``. Two simulated validators then never issue the same
+    id for different games, which a miner serving both would mix up."""
+
+    def __init__(
+        self, count: int = 20, *, seed: int | None = None, now: datetime | None = None, owner: str | None = None
+    ) -> None:
         self._rng = random.Random(seed)
         self._now = now or datetime.now(UTC)
+        self._prefix = "sim-" if owner is None else f"sim-{hashlib.sha256(owner.encode()).hexdigest()[:8]}-"
         self._next_id = 0
         self.games: dict[str, dict[str, Any]] = {}
         for _ in range(count):
@@ -37,7 +45,7 @@ class SimulatedFeed:
         team_a, team_b = rng.sample(_TEAMS, 2)
         soccer = rng.random() < 0.4
         stamp = self._now.isoformat()
-        game_id = f"sim-{self._next_id:05d}"
+        game_id = f"{self._prefix}{self._next_id:05d}"
         game: dict[str, Any] = {
             "game_id": game_id,
             "team_a": team_a,
@@ -70,20 +78,28 @@ class SimulatedFeed:
 def load_games_file(path: str | Path) -> list[dict[str, Any]]:
     """Read a JSON list of TeamGame objects; ValueError names what is wrong."""
     try:
-        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = Path(path).read_bytes()
     except OSError as exc:
         raise ValueError(f"cannot read games file {path}: {exc.strerror or exc}") from None
+    return parse_games(data, f"games file {path}")
+
+
+def parse_games(data: bytes, source: str) -> list[dict[str, Any]]:
+    """A JSON list of TeamGame objects (a file's or an HTTP body's bytes); ValueError
+    names ``source`` and what is wrong."""
+    try:
+        raw = json.loads(data.decode("utf-8"))
     except UnicodeDecodeError:
-        raise ValueError(f"games file {path} is not UTF-8 text") from None
+        raise ValueError(f"{source} is not UTF-8 text") from None
     except json.JSONDecodeError as exc:
-        raise ValueError(f"games file {path} is not valid JSON: {exc}") from None
+        raise ValueError(f"{source} is not valid JSON: {exc}") from None
     if not isinstance(raw, list):
-        raise ValueError(f"games file {path} must hold a JSON list of games")
+        raise ValueError(f"{source} must hold a JSON list of games")
     games = []
     for i, item in enumerate(raw):
         try:
             game: TeamGame = structure_payload(item, TeamGame, f"games[{i}]")
         except DecodeError as exc:
-            raise ValueError(f"games file {path}: {exc}") from None
+            raise ValueError(f"{source}: {exc}") from None
         games.append(converter.unstructure(game))
     return games

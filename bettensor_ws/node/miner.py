@@ -38,6 +38,7 @@ from ..protocol.messages import (
 from ..protocol.ratelimit import TokenBucket
 from ..protocol.refusals import Refusal, bounded
 from ..protocol.signing import Signer, sign
+from .chain import SubnetGraph, merged_validators
 from .dbthread import DbThread
 from .guardstore import GuardKeeper
 from .rules import DAILY_WAGER_LIMIT, HEALABLE, check_own_data, means_stored
@@ -158,7 +159,11 @@ class MinerNode(MinerWebSocketManager):
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("features", (BATCH,))
+        validators = list(validators)
         super().__init__(keypair, validators, **kwargs)
+        # the hand-made list (--validator): kept whatever the metagraph says
+        self.manual_validators = list(self.validators.items())
+        self.subnet: SubnetGraph | None = None
         self.store = MinerStore(db_path)
         self.db = DbThread()
         self.guard_keeper = GuardKeeper(self.guard, self.store, self.db)
@@ -202,6 +207,24 @@ class MinerNode(MinerWebSocketManager):
 
     async def save_guard(self) -> None:
         await self.guard_keeper.save()
+
+    def apply_metagraph(self, graph: SubnetGraph) -> tuple[list[str], list[str]]:
+        """Dial every validator of the subnet (a permit and a served axon) and the
+        hand-made list; drop those that left. Returns ``(added, removed)``.
+
+        A dropped validator's pending predictions stay in the store, pending: they
+        go if it comes back."""
+        self.subnet = graph
+        wanted = merged_validators(self.manual_validators, graph, self.hotkey)
+        added, removed = self.set_validators(wanted.items())
+        for hotkey in added:
+            uid = graph.uid_of(hotkey)
+            log.info("validator %s%s at %s: dialling", hotkey, "" if uid is None else f" (uid {uid})", wanted[hotkey])
+        for hotkey in removed:
+            log.info("validator %s left the subnet (or moved): link dropped, its pending predictions kept", hotkey)
+        if not wanted:
+            log.warning("no validator to dial: none on netuid %d has a permit and a served axon", graph.netuid)
+        return added, removed
 
     # ---- the seed's handlers --------------------------------------------------------------
 

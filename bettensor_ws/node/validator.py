@@ -27,6 +27,7 @@ from ..protocol.messages import (
 )
 from ..protocol.payloads import TeamGame, converter
 from ..protocol.signing import Signer
+from .chain import SubnetGraph
 from .committer import GroupCommitter
 from .dbthread import DbThread
 from .guardstore import GuardKeeper
@@ -50,9 +51,17 @@ class ValidatorNode(ValidatorWebSocketManager):
     by one confirmation listing a result per prediction, in order.
     """
 
-    def __init__(self, keypair: Signer, db_path: str | Path, metagraph: Any = None, **kwargs: Any) -> None:
+    def __init__(
+        self, keypair: Signer, db_path: str | Path, metagraph: Any = None, *, min_stake: float = 0.0, **kwargs: Any
+    ) -> None:
+        """``metagraph`` is what the manager takes (a hotkey list, anything with
+        ``.hotkeys``, or None). :meth:`apply_metagraph` and :meth:`set_allow_list`
+        then admit the union of the subnet's hotkeys with ``min_stake`` and the list."""
         kwargs.setdefault("features", (BATCH,))
         super().__init__(keypair, metagraph, **kwargs)
+        self.min_stake = min_stake
+        self.subnet: SubnetGraph | None = None
+        self.allow_list: frozenset[str] | None = None if metagraph is None else self._allowed
         self.store = ValidatorStore(db_path)
         self.db = DbThread()
         self.committer = GroupCommitter(self.store.submit_many, self.db)
@@ -73,6 +82,34 @@ class ValidatorNode(ValidatorWebSocketManager):
 
     async def save_guard(self) -> None:
         await self.guard_keeper.save()
+
+    # ---- who may connect ----------------------------------------------------------------------
+
+    def apply_metagraph(self, graph: SubnetGraph) -> list[str]:
+        """Admit the subnet's hotkeys (with at least ``min_stake``) and the allow list;
+        close the links of the others (1008 "hotkey deregistered"). Returns those."""
+        self.subnet = graph
+        return self._readmit()
+
+    def set_allow_list(self, hotkeys: Iterable[str] | None) -> list[str]:
+        """Replace the hand-made allow list (None: none); as :meth:`apply_metagraph`."""
+        self.allow_list = None if hotkeys is None else frozenset(hotkeys)
+        return self._readmit()
+
+    def _readmit(self) -> list[str]:
+        if self.subnet is None and self.allow_list is None:
+            return self.refresh_metagraph(None)
+        admitted: set[str] = set(self.allow_list or ())
+        if self.subnet is not None:
+            admitted |= self.subnet.admitted(self.min_stake)
+        dropped = self.refresh_metagraph(admitted)
+        for hotkey in dropped:
+            log.info("miner %s left the subnet or the allow list: link closed", hotkey)
+        return dropped
+
+    def peer_label(self, hotkey: str) -> str:
+        uid = self.subnet.uid_of(hotkey) if self.subnet is not None else None
+        return hotkey if uid is None else f"{hotkey} (uid {uid})"
 
     async def _run_committer(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self._committing = True

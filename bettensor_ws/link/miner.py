@@ -170,8 +170,11 @@ class MinerWebSocketManager(Manager):
                 kind = refused.refusal.kind
                 said = str(refused)
                 if refused.signed_by is not None:
-                    said = (f"{said}: it is signed by {refused.signed_by}, not {validator_hotkey} "
-                            f"(check the hotkey after @ in the validator's address)")
+                    said = (f"{said}: it is signed by {refused.signed_by}, not {validator_hotkey}: "
+                            f"the validator at {url} has another hotkey (check the hotkey after @)")
+                elif kind is RefusalKind.WRONG_AUDIENCE:
+                    said = (f"{said}: the validator at {url} is not {validator_hotkey} "
+                            f"(check the hotkey after @)")
                 mistake = kind in MISTAKES
                 self._failed(validator_hotkey, str(refused), kind, said=said, once=not kind.transient)
                 if refused.retry_after:
@@ -182,7 +185,8 @@ class MinerWebSocketManager(Manager):
                 mistake = True
                 self._failed(
                     validator_hotkey,
-                    f"certificate verification failed for {url}: {cause.verify_message or cause.reason}",
+                    f"certificate verification failed for {url}: {cause.verify_message or cause.reason} "
+                    f"(give the CA that signed the validator's certificate with --ssl-ca)",
                     RefusalKind.CONNECT_FAILED,
                 )
             except* ConnectionRejected as group:

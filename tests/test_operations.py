@@ -715,3 +715,46 @@ def test_demo_draws_no_bar_when_not_on_a_terminal(tmp_path: Path) -> None:
     assert "\r" not in result.stderr
     assert "on purpose" in result.stderr
 
+
+
+# --------------------------------------------------------------------------- the README's miner
+
+
+def test_the_readme_miner_example_is_the_file_and_confirms_predictions(tmp_path: Path) -> None:
+    example = ROOT / "examples" / "custom_miner.py"
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert f"```python\n{example.read_text(encoding='utf-8')}```" in readme
+    validator, url = start_validator(tmp_path, "--port", "0", "--hotkey-uri", "//Alice",
+                                     "--db", str(tmp_path / "v.db"), "--feed-games", "3")
+    miner = subprocess.Popen(
+        [sys.executable, str(example), f"{url}@{ALICE}", "--hotkey-uri", "//Bob", "--db", str(tmp_path / "u.db")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, env=_env(),
+    )
+    try:
+        assert miner.stdout is not None
+        seen = []
+        for line in miner.stdout:
+            seen.append(line)
+            if line.startswith("pending 0 confirmed 3 "):
+                break
+        else:
+            pytest.fail(f"the example ended: {seen[-20:]}")
+        assert seen[0] == f"connected to {url} as {BOB}\n", seen[:3]
+    finally:
+        miner.kill()
+        miner.wait(timeout=10)
+        if miner.stdout is not None:
+            miner.stdout.close()
+        validator.close()
+    rows = sqlite3_rows(tmp_path / "v.db", "SELECT body FROM predictions")
+    assert len(rows) == 3 and all(json.loads(body)["model_name"] == "underdog" for (body,) in rows)
+
+
+def sqlite3_rows(path: Path, query: str) -> list[tuple[Any, ...]]:
+    import sqlite3
+
+    db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        return list(db.execute(query))
+    finally:
+        db.close()

@@ -29,6 +29,7 @@ from ..link.validator import url_host
 from ..protocol.identity import canonical_hotkey
 from ..protocol.signing import Signer
 from .logs import setup_logging
+from .rules import DAILY_WAGER_LIMIT
 
 __all__ = ["main"]
 
@@ -206,7 +207,7 @@ OPTION_RANGES: dict[str, Range] = {
     "flood_cooldown": Range(0, 86400, unit="s (0: no cooldown)"),
     "feed_games": Range(1, 10_000, unit="games"),
     "feed_interval": Range(0.1, 86400, unit="s"),
-    "wager": Range(0, 1000, above=True),
+    "wager": Range(0, DAILY_WAGER_LIMIT, above=True, unit="(the daily limit)"),
     "reconnect_max": Range(1, 3600, unit="s (the first reconnect waits 1 s)"),
     "miners": Range(1, 1000),
     "games": Range(1, 10_000),
@@ -524,7 +525,6 @@ def _warn_unlocked(locked: bool, path: str) -> None:
 
 async def run_miner(args: argparse.Namespace) -> None:
     from . import MinerNode
-    from .rules import DAILY_WAGER_LIMIT
 
     validators = [_parse_validator_arg(v) for v in args.validator]
     if not 0 < args.wager <= DAILY_WAGER_LIMIT:

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import orjson
+import trio
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -31,6 +32,9 @@ PREFIX = "bettensor_ws"
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 COMMIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+WRITE_CHECK_INTERVAL = 5.0
+"""Seconds a /health answer about the database's writability is reused."""
 
 SubmitMany = Callable[[Sequence[tuple[str, Sequence[dict[str, Any]]]]], list[list[PredictionResult]]]
 
@@ -92,6 +96,8 @@ class _NodeMetrics:
             registry=self.registry,
         )
         self.registry.register(_LinkCollector(self))
+        self._check_lock = trio.Lock()
+        self._checked: tuple[float, bool] | None = None
 
     def extra(self) -> Iterator[Metric]:
         """The node's own families, from values taken before the scrape."""
@@ -111,7 +117,13 @@ class _NodeMetrics:
         """Read what the collector needs from the database (on the DB thread)."""
 
     async def _writable(self) -> bool:
-        return await self.node.db.run(self.node.store.writable)
+        """Whether the database takes a write, tried at most once per
+        ``WRITE_CHECK_INTERVAL``: the port is public, and each try is a commit."""
+        async with self._check_lock:
+            now = trio.current_time()
+            if self._checked is None or now - self._checked[0] >= WRITE_CHECK_INTERVAL:
+                self._checked = (now, await self.node.db.run(self.node.store.writable))
+            return self._checked[1]
 
 
 class ValidatorMetrics(_NodeMetrics):

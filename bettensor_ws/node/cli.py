@@ -78,10 +78,13 @@ def _hotkey_password(hotkey_file: Path) -> str | None:
     naming that variable."""
     from bittensor_wallet import Keyfile
 
-    keyfile = Keyfile(path=str(hotkey_file))
-    if not keyfile.is_encrypted():
-        return None
-    variable = keyfile.env_var_name()
+    try:
+        keyfile = Keyfile(path=str(hotkey_file))
+        if not keyfile.is_encrypted():
+            return None
+        variable = keyfile.env_var_name()
+    except Exception as exc:  # bittensor_wallet raises its own untyped errors
+        raise UsageError(f"cannot read wallet hotkey {hotkey_file}: {exc}") from None
     if os.environ.get(variable):
         return None  # bittensor_wallet reads it itself
     if not sys.stdin.isatty():

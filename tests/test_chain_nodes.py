@@ -12,6 +12,7 @@ every wait is for a condition, bounded by ``trio.fail_after``.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
@@ -368,5 +369,8 @@ async def test_the_cli_nodes_follow_the_chain(
         # alice stops serving: the miner drops her
         fake.set([Peer(alice.ss58_address, 100, True), Peer(bob.ss58_address, 1.0)])
         await logged(f"validator {alice.ss58_address} left the subnet")
-        await logged(f"miner {bob.ss58_address} (uid 1) disconnected (1001")
+        await until(
+            lambda: re.search(rf"miner {bob.ss58_address} \(uid 1\) \(\S+\) disconnected: 1001", caplog.text),
+            "bob's link closed 1001",
+        )
         nursery.cancel_scope.cancel()

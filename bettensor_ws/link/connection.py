@@ -110,6 +110,11 @@ class LinkConnection:
     def frames_out(self) -> int:
         return self.protocol.frames_out
 
+    @property
+    def queue_depth(self) -> int:
+        """Frames waiting in the send queue (read by metrics at scrape time)."""
+        return self._queue.pending()
+
     async def send_json(self, obj: Any) -> None:
         """Sign and queue a reply: a seed-style flat dict, an envelope, or a message."""
         await self.send_message(to_message(obj, ""))

@@ -94,6 +94,10 @@ class Manager:
     def stats(self) -> dict[str, Any]:
         return self._stats.snapshot(len(self._connections))
 
+    def send_queue_depths(self) -> list[int]:
+        """Frames waiting in each live link's send queue (for metrics, at scrape time)."""
+        return [conn.queue_depth for conn in list(self._connections.values())]
+
     def _signed_frame(self, message: WebSocketMessage | dict[str, Any]) -> Frame:
         """``message`` signed with this side's key and encoded once, for any number of links."""
         return Frame.of(sign(to_message(message, self.hotkey), self.keypair))

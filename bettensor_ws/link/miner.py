@@ -13,6 +13,7 @@ import orjson
 import trio
 from trio_websocket import (
     ConnectionClosed,
+    ConnectionRejected,
     HandshakeError,
     WebSocketConnection,
     wrap_client_stream,
@@ -24,7 +25,7 @@ from ..protocol.errors import HandshakeRefused
 from ..protocol.identity import canonical_hotkey
 from ..protocol.link import MINER_HOTKEY, ConnectionSettings, PeerLimits, Role
 from ..protocol.messages import WebSocketMessage
-from ..protocol.refusals import GOING_AWAY, CloseCode, RefusalKind, bounded
+from ..protocol.refusals import GOING_AWAY, REPLACED, CloseCode, RefusalKind, bounded
 from ..protocol.signing import Signer
 from .connection import LinkClosed, LinkConnection
 from .manager import Manager, settings_from
@@ -43,6 +44,10 @@ MINER_SETTINGS = ConnectionSettings(rate_limit=None, max_message_size=16 << 20)
 
 MAX_RETRY_HINT = 3600.0
 """Longest wait a validator's hint can impose, so a bogus hint cannot park a link for good."""
+
+MISTAKES = frozenset({RefusalKind.IMPOSTOR, RefusalKind.BAD_WELCOME})
+"""Refusals that mean the configuration is wrong (another key or another program at
+that URL): retrying sooner cannot help, so the link retries at the longest interval."""
 
 
 def _validator_key(hotkey: str) -> str:
@@ -96,6 +101,8 @@ class MinerWebSocketManager(Manager):
         # while run() is running: its nursery, and each validator's supervisor scope
         self._nursery: trio.Nursery | None = None
         self._supervisors: dict[str, trio.CancelScope] = {}
+        # per validator, the last failure said at WARNING: a repeat is said at DEBUG
+        self._said: dict[str, str] = {}
 
     @property
     def max_message_size(self) -> int:
@@ -195,14 +202,44 @@ class MinerWebSocketManager(Manager):
         while True:
             started = trio.current_time()
             asked = 0.0  # a wait the validator asked for: retrying sooner is refused anyway
+            mistake = False  # a wrong URL, key or certificate: retry at the longest interval
             try:
                 await self._connect_once(validator_hotkey, url)
             except* HandshakeRefused as group:
                 refused = first_leaf(group)
                 assert isinstance(refused, HandshakeRefused)
-                self._failed(validator_hotkey, str(refused), refused.refusal.kind)
+                kind = refused.refusal.kind
+                said = str(refused)
+                if refused.signed_by is not None:
+                    said = (f"{said}: it is signed by {refused.signed_by}, not {validator_hotkey}: "
+                            f"the validator at {url} has another hotkey (check the hotkey after @)")
+                elif kind is RefusalKind.WRONG_AUDIENCE:
+                    said = (f"{said}: the validator at {url} is not {validator_hotkey} "
+                            f"(check the hotkey after @)")
+                mistake = kind in MISTAKES
+                self._failed(validator_hotkey, str(refused), kind, said=said, once=not kind.transient)
                 if refused.retry_after:
                     asked = min(refused.retry_after, MAX_RETRY_HINT)
+            except* ssl.SSLCertVerificationError as group:
+                cause = first_leaf(group)
+                assert isinstance(cause, ssl.SSLCertVerificationError)
+                mistake = True
+                self._failed(
+                    validator_hotkey,
+                    f"certificate verification failed for {url}: {cause.verify_message or cause.reason} "
+                    f"(give the CA that signed the validator's certificate with --ssl-ca)",
+                    RefusalKind.CONNECT_FAILED,
+                )
+            except* ConnectionRejected as group:
+                rejected = first_leaf(group)
+                assert isinstance(rejected, ConnectionRejected)
+                status = rejected.status_code
+                mistake = status == 404
+                reason = (
+                    f"{url} answered 404 Not Found: the URL path is wrong (the endpoint is /ws)"
+                    if mistake else f"{url} refused the WebSocket upgrade with HTTP status {status}"
+                )
+                self._failed(validator_hotkey, reason, RefusalKind.CONNECT_FAILED, once=mistake)
             except* (OSError, ConnectionClosed, HandshakeError, trio.TooSlowError,
                      trio.BrokenResourceError, trio.ClosedResourceError) as group:
                 cause = first_leaf(group)
@@ -213,15 +250,31 @@ class MinerWebSocketManager(Manager):
             if trio.current_time() - started >= self.stable_after:
                 backoff.reset()
             delay = max(backoff.next_delay(), asked)
+            if mistake:
+                delay = max(delay, self.max_reconnect_interval)
             log.info("reconnecting to %s in %.1fs", validator_hotkey, delay)
             await trio.sleep(delay)
             self._stats.reconnects += 1
 
-    def _failed(self, validator_hotkey: str, reason: str, kind: RefusalKind) -> None:
+    def _failed(
+        self, validator_hotkey: str, reason: str, kind: RefusalKind, *, said: str | None = None,
+        once: bool = False,
+    ) -> None:
+        """Record why a link failed; log it at WARNING (with ``said``, the operator's
+        wording, if given). With ``once``, a failure that repeats the last one said is
+        logged at DEBUG: a permanent mistake is stated once, not every retry."""
         reason = bounded(reason)
         self.last_error[validator_hotkey] = reason
         self._stats.reject(kind)
-        log.warning("link to validator %s: %s", validator_hotkey, reason)
+        text = bounded(said, 400) if said is not None else reason
+        if once and self._said.get(validator_hotkey) == text:
+            log.debug("link to validator %s: %s", validator_hotkey, text)
+            return
+        self._said[validator_hotkey] = text
+        if once:
+            text += f" (retrying every {self.max_reconnect_interval:g} s at most; said once)"
+        log.warning("link to validator %s: %s", validator_hotkey, text,
+                    extra={"validator": validator_hotkey, "refusal": kind.key})
 
     async def _open_tcp(self, url: str) -> trio.abc.Stream:
         parts = urlsplit(url)
@@ -319,13 +372,23 @@ class MinerWebSocketManager(Manager):
         self._connections[conn.hotkey] = conn
         self._stats.connections_total += 1
         self.last_error.pop(conn.hotkey, None)
+        self._said.pop(conn.hotkey, None)
         self._notify()
-        log.info("connected to validator %s", conn.hotkey)
+        log.info("connected to validator %s", conn.hotkey, extra={"validator": conn.hotkey})
         try:
             await self._serve_connection(conn)
         finally:
             if self._connections.get(conn.hotkey) is conn:
                 del self._connections[conn.hotkey]
                 self._notify()
-            if conn.close_code != CloseCode.NORMAL:
-                log.info("link to %s ended (%d %s)", conn.hotkey, conn.close_code, conn.close_reason)
+            if conn.protocol.closing == REPLACED:
+                # the validator keeps one link per hotkey: a newer one took ours
+                log.warning(
+                    "validator %s closed this link as replaced: another process with this "
+                    "miner's hotkey (%s) connected to it; two miners with one hotkey take the "
+                    "link from each other for ever", conn.hotkey, self.hotkey,
+                    extra={"validator": conn.hotkey, "close_code": conn.close_code},
+                )
+            elif conn.close_code != CloseCode.NORMAL:
+                log.info("link to %s ended (%d %s)", conn.hotkey, conn.close_code, conn.close_reason,
+                         extra={"validator": conn.hotkey, "close_code": conn.close_code})

@@ -7,7 +7,7 @@ import logging
 import random
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 import orjson
@@ -37,13 +37,15 @@ from ..protocol.refusals import (
     CloseCode,
     Refusal,
     RefusalKind,
+    bounded,
 )
 from ..protocol.signing import Signer
 from .connection import LinkConnection
+from .http import HttpRoute, ReplayStream, plain_get, read_head, respond
 from .manager import Manager, settings_from
 from .transport import close_quietly, hold_transport, plain_errors
 
-__all__ = ["VALIDATOR_SETTINGS", "ValidatorWebSocketManager"]
+__all__ = ["VALIDATOR_SETTINGS", "ValidatorWebSocketManager", "url_host"]
 
 log = logging.getLogger("bettensor_ws.validator")
 
@@ -63,6 +65,22 @@ AUTH_JITTER = 0.1
 at random: peers that connected together (a slowloris crowd) are then not all refused,
 and do not all reconnect, in the same instant, a burst that held up every other
 miner's messages for tens of milliseconds."""
+
+
+def url_host(host: str) -> str:
+    """``host`` as a URL spells it: an IPv6 address in brackets (``[::]``)."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def _peer_of(stream: trio.abc.Stream) -> str:
+    """``HOST:PORT`` of the peer on a TCP or TLS stream, for logs ("?" if none)."""
+    transport = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
+    sock = getattr(transport, "socket", None)
+    try:
+        host, port = sock.getpeername()[:2] if sock is not None else ("?", 0)
+    except OSError:
+        return "?"
+    return f"{url_host(str(host))}:{port}" if port else "?"
 
 
 def _hotkeys_of(metagraph: Any) -> frozenset[str] | None:
@@ -107,6 +125,7 @@ class ValidatorWebSocketManager(Manager):
         require_audience: bool = False,
         handshake_rate: float = HANDSHAKE_RATE,
         handshake_burst: int = HANDSHAKE_BURST,
+        http_routes: Mapping[str, HttpRoute] | None = None,
         **overrides: Any,
     ) -> None:
         """``settings`` (default :data:`VALIDATOR_SETTINGS`) may be adjusted by
@@ -131,6 +150,7 @@ class ValidatorWebSocketManager(Manager):
         self._allowed = _hotkeys_of(metagraph)
         self.require_audience = require_audience
         self._last_games_digest: str | None = None
+        self.http_routes: Mapping[str, HttpRoute] = dict(http_routes or {})
         self.listening = trio.Event()
 
     @property
@@ -164,6 +184,11 @@ class ValidatorWebSocketManager(Manager):
         return hotkey
 
     # ---- state -----------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        """Where miners connect: ``ws://HOST:PORT/ws`` (``wss://`` with TLS)."""
+        return f"{'wss' if self.ssl_context else 'ws'}://{url_host(self.host)}:{self.port}/ws"
 
     @property
     def connected_hotkeys(self) -> list[str]:
@@ -212,7 +237,7 @@ class ValidatorWebSocketManager(Manager):
             self.port = listeners[0].socket.getsockname()[1] if self.ssl_context is None else (
                 listeners[0].transport_listener.socket.getsockname()[1]
             )
-            log.info("listening on %s://%s:%d/ws", "wss" if self.ssl_context else "ws", self.host, self.port)
+            log.info("listening on %s", self.url)
             async with trio.open_nursery() as nursery:
                 await nursery.start(trio.serve_listeners, self.handle_stream, listeners)
                 self.listening.set()
@@ -221,22 +246,39 @@ class ValidatorWebSocketManager(Manager):
     async def handle_stream(self, stream: trio.abc.Stream) -> None:
         """Serve one transport stream (TCP, TLS, or in-memory in tests).
 
-        Whatever happens on this connection is logged and ends here: no error
-        reaches the server's nursery.
+        A plain HTTP GET (no upgrade) is answered from ``http_routes`` and the
+        stream closed; anything else goes to the WebSocket handshake. Whatever
+        happens on this connection is logged and ends here: no error reaches
+        the server's nursery.
         """
+        peer = _peer_of(stream)
         try:
+            deadline = trio.current_time() + self._auth_time()
+            with trio.fail_at(deadline):
+                if isinstance(stream, trio.SSLStream):
+                    # A failed TLS handshake inside trio-websocket's reader would leave us
+                    # waiting for an upgrade until auth_timeout; fail (and close) at once.
+                    await stream.do_handshake()
+                upgrade: trio.abc.Stream = stream
+                if self.http_routes:
+                    head = await read_head(stream)
+                    path = plain_get(head)
+                    if path is not None:
+                        await respond(stream, path, self.http_routes)
+                        return
+                    upgrade = ReplayStream(stream, head)
             async with trio.open_nursery() as nursery:
-                request, hold = await nursery.start(hold_transport, self._open_request(stream))
+                request, hold = await nursery.start(hold_transport, self._open_request(upgrade, deadline))
                 try:
-                    await self._serve_request(request)
+                    await self._serve_request(request, peer)
                 finally:
                     hold.cancel()
         except* (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
-            log.debug("connection dropped during setup or close")
+            log.debug("connection from %s dropped during setup or close", peer)
         except* trio.TooSlowError:
-            log.info("peer sent no WebSocket upgrade in time")
+            log.info("peer %s sent no WebSocket upgrade in time", peer)
         except* Exception:
-            log.exception("connection handler failed")
+            log.exception("connection handler failed (peer %s)", peer)
         finally:
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(stream)
@@ -244,20 +286,18 @@ class ValidatorWebSocketManager(Manager):
     def _auth_time(self) -> float:
         return self.auth_timeout * (1.0 + AUTH_JITTER * random.random())
 
-    def _open_request(self, stream: trio.abc.Stream) -> Callable[[trio.Nursery], Awaitable[WebSocketRequest]]:
+    def _open_request(
+        self, stream: trio.abc.Stream, deadline: float
+    ) -> Callable[[trio.Nursery], Awaitable[WebSocketRequest]]:
         async def open_request(nursery: trio.Nursery) -> WebSocketRequest:
-            with trio.fail_after(self._auth_time()):
-                if isinstance(stream, trio.SSLStream):
-                    # A failed TLS handshake inside trio-websocket's reader would leave us
-                    # waiting for an upgrade until auth_timeout; fail (and close) at once.
-                    await stream.do_handshake()
+            with trio.fail_at(deadline):
                 return await wrap_server_stream(
                     nursery, stream, message_queue_size=4, max_message_size=self.max_message_size
                 )
 
         return open_request
 
-    async def _serve_request(self, request: WebSocketRequest) -> None:
+    async def _serve_request(self, request: WebSocketRequest, peer: str = "?") -> None:
         if request.path.split("?", 1)[0] != "/ws":
             await request.reject(404, body=b"not found: the endpoint is /ws\n")
             return
@@ -268,20 +308,20 @@ class ValidatorWebSocketManager(Manager):
         fallback = INTERNAL
         try:
             try:
-                accepted = await self._authenticate(ws)
+                accepted = await self._authenticate(ws, peer)
             except trio.Cancelled:
                 fallback = GOING_AWAY
                 raise
             if accepted is None:
                 return
             conn, info = accepted
-            await self._run_connection(conn, info)
+            await self._run_connection(conn, info, peer)
         finally:
             code, reason = (conn.close_code, conn.close_reason) if conn else (fallback.code, fallback.reason)
             if conn is not None or not ws.closed:
                 await close_quietly(ws, code, reason, self.settings.close_timeout)
 
-    async def _authenticate(self, ws: Any) -> tuple[LinkConnection, AuthInfo] | None:
+    async def _authenticate(self, ws: Any, peer: str = "?") -> tuple[LinkConnection, AuthInfo] | None:
         """Read and check the auth frame; on failure answer the reference's bare
         error (signed, which reference miners ignore)."""
         hold_until = trio.current_time() + self.auth_timeout / 2
@@ -316,11 +356,12 @@ class ValidatorWebSocketManager(Manager):
         except AuthError as exc:
             refusal = exc.refusal
             self._stats.reject(refusal.kind)
-            if refusal.kind is RefusalKind.FLOOD_COOLDOWN:
-                # one warning when the ban starts is enough; a flooder retries many times
-                log.debug("refused a miner: %s", refusal.text())
-            else:
-                log.warning("refused a miner: %s", refusal.text())
+            claimed = frame.get("hotkey") if isinstance(frame, dict) else None
+            who = bounded(claimed, 64) if isinstance(claimed, str) else "(no hotkey)"
+            # one warning when a flood ban starts is enough; a flooder retries many times
+            level = logging.DEBUG if refusal.kind is RefusalKind.FLOOD_COOLDOWN else logging.INFO
+            log.log(level, "refused miner %s from %s: %s", who, peer, refusal.text(),
+                    extra={"hotkey": who, "peer": peer, "refusal": refusal.key})
             await ws.send_message(refusal_frame(refusal, self.keypair, frame))
             await close_quietly(ws, CloseCode.POLICY, refusal.text(), self.settings.close_timeout)
             return None
@@ -347,7 +388,7 @@ class ValidatorWebSocketManager(Manager):
         if left is not None:
             raise AuthError(Refusal.cooldown(left))
 
-    async def _run_connection(self, conn: LinkConnection, info: AuthInfo) -> None:
+    async def _run_connection(self, conn: LinkConnection, info: AuthInfo, peer: str = "?") -> None:
         # The Welcome is queued before the connection is listed, so no broadcast
         # can reach the miner ahead of it. It names the miner and echoes its auth
         # nonce, under our signature: relayed into another miner's handshake, it
@@ -370,16 +411,19 @@ class ValidatorWebSocketManager(Manager):
         # only listed links) is not missed.
         if not self.is_registered(conn.hotkey):
             self._stats.reject(RefusalKind.DEREGISTERED)
-            log.warning("miner %s deregistered during its handshake", conn.hotkey)
+            log.warning("miner %s (%s) deregistered during its handshake", conn.hotkey, peer)
             conn.end(DEREGISTERED)
             return
         old = self._connections.get(conn.hotkey)
         if old is not None:
-            log.info("replacing the connection of %s", conn.hotkey)
+            # two processes with one hotkey replace each other; the miner is told why
+            log.info("miner %s connected again from %s: closing its older link as replaced",
+                        conn.hotkey, peer, extra={"hotkey": conn.hotkey, "peer": peer})
             old.end(REPLACED)
         self._connections[conn.hotkey] = conn
         self._stats.connections_total += 1
-        log.info("miner %s connected", self.peer_label(conn.hotkey))
+        log.info("miner %s connected from %s", self.peer_label(conn.hotkey), peer,
+                 extra={"hotkey": conn.hotkey, "peer": peer})
         try:
             await self._serve_connection(conn)
         finally:
@@ -394,4 +438,6 @@ class ValidatorWebSocketManager(Manager):
                         "miner %s closed for flooding: refused for %g s",
                         conn.hotkey, self._cooldown.seconds,
                     )
-            log.info("miner %s disconnected (%d %s)", self.peer_label(conn.hotkey), conn.close_code, conn.close_reason)
+            log.info("miner %s (%s) disconnected: %d %s", self.peer_label(conn.hotkey), peer, conn.close_code,
+                     conn.close_reason or "(no reason)",
+                     extra={"hotkey": conn.hotkey, "peer": peer, "close_code": conn.close_code})

@@ -1,6 +1,8 @@
 """``bettensor-ws demo``: a validator and miners on loopback, a progress bar, a summary.
 
-Halfway through, two miners' links are cut, to show reconnects and resends.
+Halfway through, two miners' links are cut on purpose, to show reconnects and
+resends (the demo says so when it does). The progress bar is drawn only when
+stderr is a terminal; otherwise a line is printed at the start and the end.
 The exit status is 0 only when every prediction made was confirmed or
 rejected, and the validator stored exactly the confirmed ones.
 """
@@ -25,6 +27,12 @@ from .feed import SimulatedFeed
 __all__ = ["run_demo"]
 
 _BAR = 30
+
+
+def _bar_on() -> bool:
+    """Carriage-return redraws only make sense on a terminal: in a log file or a pipe
+    they are one endless line."""
+    return sys.stderr.isatty()
 
 
 class _DemoMiner(MinerNode):
@@ -87,6 +95,8 @@ async def _demo(tmp: Path, n_miners: int, n_games: int, duration: float) -> int:
             nodes.append(node)
             await nursery.start(node.run)
         print(f"demo: validator on {url}, {n_miners} miners, {n_games} games, {duration:g}s", file=sys.stderr)
+        print("demo: halfway through, two miners' links are cut on purpose, to show that they "
+              "reconnect and resend what was not confirmed", file=sys.stderr)
         deadline = trio.current_time() + duration
         cut = False
         next_game = trio.current_time() + 1.0
@@ -99,6 +109,8 @@ async def _demo(tmp: Path, n_miners: int, n_games: int, duration: float) -> int:
             await validator.update_games(feed.tick())
             if not cut and now >= deadline - duration / 2:
                 cut = True
+                _say(f"cutting the links of {min(2, len(nodes))} miners on purpose (1012): "
+                     "watch them reconnect and resend")
                 for node in nodes[:2]:
                     conn = validator.connection(node.hotkey)
                     if conn is not None:
@@ -112,7 +124,8 @@ async def _demo(tmp: Path, n_miners: int, n_games: int, duration: float) -> int:
                 await trio.sleep(0.05)
             while await _progress(nodes, duration, duration, draining=True):  # noqa: ASYNC110
                 await trio.sleep(0.25)  # polls several databases: no single event to wait on
-        print(file=sys.stderr)
+        if _bar_on():
+            print(file=sys.stderr)
         elapsed = time.monotonic() - started
         nursery.cancel_scope.cancel()
     code = _summary(validator, nodes, elapsed)
@@ -122,11 +135,18 @@ async def _demo(tmp: Path, n_miners: int, n_games: int, duration: float) -> int:
     return code
 
 
+def _say(text: str) -> None:
+    """A line on stderr, below the bar if one is drawn."""
+    print(("\n" if _bar_on() else "") + f"demo: {text}", file=sys.stderr, flush=True)
+
+
 async def _progress(nodes: Sequence[MinerNode], done: float, total: float, draining: bool = False) -> int:
-    """Redraw the bar; returns how many deliveries are still pending."""
+    """Redraw the bar (on a terminal only); returns how many deliveries are still pending."""
     counts: Counter[str] = Counter()
     for node in nodes:
         counts.update(await node.db.run(node.store.counts))
+    if not _bar_on():
+        return counts["pending"]
     filled = int(_BAR * min(1.0, done / total)) if total > 0 else _BAR
     label = "draining" if draining else f"{done:5.1f}s/{total:g}s"
     sys.stderr.write(

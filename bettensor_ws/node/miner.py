@@ -41,6 +41,7 @@ from ..protocol.signing import Signer, sign
 from .chain import SubnetGraph, merged_validators
 from .dbthread import DbThread
 from .guardstore import GuardKeeper
+from .metrics import MinerMetrics
 from .rules import DAILY_WAGER_LIMIT, HEALABLE, check_own_data, means_stored
 from .store import MinerStore
 
@@ -167,6 +168,7 @@ class MinerNode(MinerWebSocketManager):
         self.store = MinerStore(db_path)
         self.db = DbThread()
         self.guard_keeper = GuardKeeper(self.guard, self.store, self.db)
+        self.metrics = MinerMetrics(self)
         self.strategy = strategy or favourite_strategy(wager)
         self.window = window
         self.batch_size = batch_size
@@ -253,6 +255,7 @@ class MinerNode(MinerWebSocketManager):
         await self.db.run(self.store.record_results, websocket.hotkey, results)
         outbox = self._outboxes.get(websocket.hotkey)
         now = trio.current_time()
+        observe = self.metrics.confirmation_latency.observe
         for pid, status, _ in results:
             if outbox is not None:
                 outbox.inflight.pop(pid, None)
@@ -261,6 +264,7 @@ class MinerNode(MinerWebSocketManager):
             last = self._resent.pop(key, None)
             if sent is not None:
                 self.latencies.append(now - sent)
+                observe(now - sent)
                 self._observe_latency(websocket.hotkey, now - (sent if last is None else last))
             if status != "success":
                 log.warning("prediction %s rejected by %s", pid, websocket.hotkey)
@@ -314,7 +318,7 @@ class MinerNode(MinerWebSocketManager):
                 outbox.poke()  # it may be asleep until something falls due: retry from now on
             return
         self._unstored_games.pop(websocket.hotkey, None)
-        log.info("received updates for %d games from validator %s", len(games), websocket.hotkey)
+        log.debug("received updates for %d games from validator %s", len(games), websocket.hotkey)
 
     async def _retry_unstored_games(self, validator_hotkey: str) -> None:
         """Store (and predict on) an update that a storage fault kept out, if any."""

@@ -29,6 +29,8 @@ __all__ = [
     "KNOWN_GAME_CACHE_SIZE",
     "UNKNOWN_GAME_CACHE_SIZE",
     "MinerStore",
+    "WrongDatabase",
+    "database_kind",
     "PredictionResult",
     "ValidatorStore",
     "canonical",
@@ -155,6 +157,22 @@ def migrate(db: sqlite3.Connection, migrations: Sequence[Sequence[str]]) -> int:
     return len(migrations)
 
 
+class WrongDatabase(RuntimeError):
+    """A validator's database given to a miner's store, or the other way round."""
+
+
+def database_kind(db: sqlite3.Connection) -> str | None:
+    """``"validator"`` or ``"miner"`` by the tables in ``db``; None if neither (new)."""
+    tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    if "deliveries" in tables:
+        return "miner"
+    if "predictions" in tables:
+        columns = {r[1] for r in db.execute("PRAGMA table_info(predictions)")}
+        if "miner_hotkey" in columns:
+            return "validator"
+    return None
+
+
 def _game_row(game: TeamGame | dict[str, Any]) -> tuple[Any, ...]:
     raw = converter.unstructure(game) if isinstance(game, TeamGame) else game
     values = []
@@ -184,15 +202,28 @@ _SEEN_NONCES_INDEX = "CREATE INDEX IF NOT EXISTS seen_nonces_expires ON seen_non
 
 class _Store:
     migrations: Sequence[Sequence[str]] = ()
+    kind = ""
 
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
         self.db = connect(path)
+        found = database_kind(self.db)
+        if found is not None and found != self.kind:
+            self.db.close()
+            raise WrongDatabase(f"{path} is a {found} database, not a {self.kind} database")
         self.version = migrate(self.db, self.migrations)
         check_writable(self.db)
 
     def close(self) -> None:
         self.db.close()
+
+    def writable(self) -> bool:
+        """Whether a write transaction commits now (for health checks)."""
+        try:
+            check_writable(self.db)
+        except sqlite3.Error:
+            return False
+        return True
 
     def upsert_games(self, games: Iterable[TeamGame | dict[str, Any]]) -> list[str]:
         """Store games; returns the ids that are new or changed."""
@@ -260,6 +291,8 @@ class PredictionResult(dict[str, Any]):
 
 class ValidatorStore(_Store):
     """Games and the predictions a validator accepted, with the answer sent for each."""
+
+    kind = "validator"
 
     migrations = (
         (
@@ -614,6 +647,8 @@ def _result(prediction_id: str | None, status: str, message: str) -> PredictionR
 
 class MinerStore(_Store):
     """A miner's games, its predictions, and each one's delivery state per validator."""
+
+    kind = "miner"
 
     migrations = (
         (

@@ -31,6 +31,7 @@ from .chain import SubnetGraph
 from .committer import GroupCommitter
 from .dbthread import DbThread
 from .guardstore import GuardKeeper
+from .metrics import ValidatorMetrics
 from .rules import prediction_id_of
 from .store import PredictionResult, ValidatorStore
 
@@ -64,7 +65,9 @@ class ValidatorNode(ValidatorWebSocketManager):
         self.allow_list: frozenset[str] | None = None if metagraph is None else self._allowed
         self.store = ValidatorStore(db_path)
         self.db = DbThread()
-        self.committer = GroupCommitter(self.store.submit_many, self.db)
+        self.metrics = ValidatorMetrics(self)
+        self.committer = GroupCommitter(self.metrics.timed(self.store.submit_many), self.db)
+        self.http_routes = {**self.metrics.routes(), **self.http_routes}
         self.guard_keeper = GuardKeeper(self.guard, self.store, self.db)
         self._job_slots: weakref.WeakKeyDictionary[LinkConnection, trio.Semaphore] = weakref.WeakKeyDictionary()
         self._committing = False
@@ -154,9 +157,11 @@ class ValidatorNode(ValidatorWebSocketManager):
             if slots is None:
                 slots = self._job_slots[conn] = trio.Semaphore(JOBS_PER_PEER)
             await slots.acquire()
+            queued_at = trio.current_time()
 
             def answer(results: list[PredictionResult] | None) -> None:
                 slots.release()
+                self.metrics.confirmation_latency.observe(trio.current_time() - queued_at)
                 conn.queue_results(merged(results), together=is_batch)
 
             try:
@@ -203,6 +208,15 @@ class ValidatorNode(ValidatorWebSocketManager):
         rows = [converter.unstructure(g) if isinstance(g, TeamGame) else dict(g) for g in games]
         await self.db.run(self.store.upsert_games, rows)
         return await self.broadcast_game_updates(rows)
+
+    @property
+    def committing(self) -> bool:
+        """Whether the group committer runs (under :meth:`serve`)."""
+        return self._committing
+
+    def pending_commits(self) -> int:
+        """Prediction frames queued for the disk and not yet answered."""
+        return sum(JOBS_PER_PEER - slots.value for slots in list(self._job_slots.values()))
 
     def close(self) -> None:
         self.store.close()

@@ -19,7 +19,7 @@ from .errors import AuthError, DecodeError, HandshakeRefused
 from .identity import canonical_hotkey
 from .messages import WelcomeMessage, new_nonce, now_iso
 from .ratelimit import FloodCooldown
-from .refusals import Refusal, RefusalKind
+from .refusals import Refusal, RefusalKind, bounded
 from .replay import ReplayGuard, check_nonce, parse_timestamp, window_refusal
 from .signing import Signer, sign_dict, verify, verify_dict
 
@@ -227,7 +227,9 @@ def check_answer(
     sender = canonical_hotkey(welcome.sender)
     if sender is None or sender != canonical_hotkey(expected_hotkey) or not verify(welcome):
         refusal = Refusal(RefusalKind.IMPOSTOR)
-        raise HandshakeRefused(refusal.text(), refusal)
+        # who it claims to be, for the operator: another key means a wrong address
+        other = bounded(welcome.sender, 64) if sender != canonical_hotkey(expected_hotkey) else None
+        raise HandshakeRefused(refusal.text(), refusal, signed_by=other)
     problem = _session_problem(welcome, own_hotkey, auth_nonce)
     if problem is not None:
         refusal = Refusal(RefusalKind.WRONG_SESSION, problem)

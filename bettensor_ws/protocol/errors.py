@@ -24,12 +24,14 @@ class HandshakeRefused(Exception):
     """The validator refused us, or proved not to be who we expected.
 
     ``refusal`` is the decision as a value; ``retry_after`` the seconds the
-    validator asked us to wait, if it said so.
+    validator asked us to wait, if it said so; ``signed_by`` the key that
+    signed a Welcome we refused as an impostor's (for the operator's log).
     """
 
-    def __init__(self, message: str, refusal: Refusal) -> None:
+    def __init__(self, message: str, refusal: Refusal, *, signed_by: str | None = None) -> None:
         super().__init__(message)
         self.refusal = refusal
+        self.signed_by = signed_by
 
     @property
     def retry_after(self) -> float | None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import orjson
 import trio
@@ -22,9 +22,32 @@ from prometheus_client.registry import Collector
 from ..link.http import HttpResponse, HttpRoute
 from .store import PredictionResult
 
-if TYPE_CHECKING:
-    from .miner import MinerNode
-    from .validator import ValidatorNode
+
+class _Node(Protocol):
+    """What the metrics read of a node: described here, so that metrics need not
+    import the nodes that own them."""
+
+    @property
+    def db(self) -> Any: ...
+    @property
+    def store(self) -> Any: ...
+    def stats(self) -> dict[str, Any]: ...
+    def send_queue_depths(self) -> list[int]: ...
+
+
+class ValidatorNodeView(_Node, Protocol):
+    @property
+    def committer(self) -> Any: ...
+    @property
+    def committing(self) -> bool: ...
+    @property
+    def connected_hotkeys(self) -> list[str]: ...
+    def pending_commits(self) -> int: ...
+
+
+class MinerNodeView(_Node, Protocol):
+    @property
+    def connected_validators(self) -> Any: ...
 
 __all__ = ["PREFIX", "MinerMetrics", "ValidatorMetrics"]
 
@@ -86,7 +109,7 @@ class _LinkCollector(Collector):
 
 
 class _NodeMetrics:
-    def __init__(self, node: ValidatorNode | MinerNode) -> None:
+    def __init__(self, node: _Node) -> None:
         self.node = node
         self.registry = CollectorRegistry(auto_describe=False)
         self.confirmation_latency = Histogram(
@@ -130,9 +153,9 @@ class ValidatorMetrics(_NodeMetrics):
     """The validator's metrics: the link counters, predictions stored and refused,
     commit time and confirmation latency."""
 
-    node: ValidatorNode
+    node: ValidatorNodeView
 
-    def __init__(self, node: ValidatorNode) -> None:
+    def __init__(self, node: ValidatorNodeView) -> None:
         super().__init__(node)
         self.commit_seconds = Histogram(
             f"{PREFIX}_commit_seconds",
@@ -191,9 +214,9 @@ class ValidatorMetrics(_NodeMetrics):
 class MinerMetrics(_NodeMetrics):
     """The miner's metrics: the link counters and its outbox."""
 
-    node: MinerNode
+    node: MinerNodeView
 
-    def __init__(self, node: MinerNode) -> None:
+    def __init__(self, node: MinerNodeView) -> None:
         super().__init__(node)
         self._counts: dict[str, int] = {"pending": 0, "confirmed": 0, "rejected": 0}
         self._oldest: float = 0.0

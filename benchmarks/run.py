@@ -44,6 +44,9 @@ RESULTS = HERE / "results"
 PYTHON = sys.executable
 CLI = str(Path(sys.executable).parent / "bettensor-ws")
 PROFILE_DIR: Path | None = None
+# every process of a run imports the bettensor_ws of this checkout, not whichever the venv
+# has installed (an editable install of another worktree, or a release)
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
 CONTENDERS = ("ours", "floor", "baseline")
 SCENARIOS = ("throughput", "latency", "batched", "scale", "broadcast", "peak", "gameupdate")
 # who runs each scenario: the floor neither stores nor confirms, so it has no game-update peak
@@ -151,7 +154,7 @@ class Server:
                 cmd += ["--games", str(games_file)]
         self.cmd = cmd
         with open(self.log_out, "wb") as out, open(self.log_err, "wb") as err:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL, cwd=tmp)
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL, cwd=tmp, env=ENV)
         self.url = self._wait_listening(30.0)
 
     def _wait_listening(self, timeout: float) -> str:
@@ -203,7 +206,7 @@ def run_loadgen(cfg: dict[str, Any], timeout: float, script: str = "loadgen.py")
     try:
         done = subprocess.run(
             [PYTHON, str(HERE / script), "-"], input=json.dumps(cfg), capture_output=True,
-            text=True, timeout=timeout, cwd=HERE,
+            text=True, timeout=timeout, cwd=HERE, env=ENV,
         )
     except subprocess.TimeoutExpired:
         return {"ok": False, "error": f"loadgen timed out after {timeout:.0f} s"}

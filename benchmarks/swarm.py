@@ -49,6 +49,8 @@ class TimedMiner(MinerNode):
         self.want = want
         self.stored = 0
         self.update_at: float | None = None
+        self.sent_at_: float | None = None
+        self.answered_at: float | None = None
         self.done_at: float | None = None
         self.all_done: Any = None  # set by the swarm: called once this miner is done
 
@@ -57,7 +59,12 @@ class TimedMiner(MinerNode):
             self.update_at = time.time()
         await super().handle_game_updates(websocket, message)
 
+    async def _send(self, connection: Any, outbox: Any, predictions: Any, data: Any) -> None:
+        await super()._send(connection, outbox, predictions, data)
+        self.sent_at_ = time.time()  # the last send of the round: queued for the writer
+
     async def handle_confirmation(self, websocket: Connection, message: WebSocketMessage) -> None:
+        self.answered_at = time.time()
         await super().handle_confirmation(websocket, message)  # stored when it returns
         assert isinstance(message, ConfirmationMessage)
         self.stored += sum(1 for r in message.results if r.status == "success")
@@ -67,6 +74,8 @@ class TimedMiner(MinerNode):
 
 
 async def run(cfg: dict[str, Any]) -> dict[str, Any]:
+    if cfg.get("switch_interval"):
+        sys.setswitchinterval(cfg["switch_interval"])
     validator = Keypair.create_from_uri(VALIDATOR_URI).ss58_address
     folder = Path(cfg["folder"])
     n = cfg["connections"]
@@ -96,22 +105,36 @@ async def run(cfg: dict[str, Any]) -> dict[str, Any]:
                     await miner.wait_connected()
             connect_s = time.perf_counter() - t
             await trio.sleep(cfg["settle"])
+            cpu0 = time.process_time()
             start = time.time()
             os.kill(cfg["server_pid"], signal.SIGUSR1)
             with trio.move_on_after(cfg["timeout"]):
                 await finished.wait()
+            peak_cpu = time.process_time() - cpu0
+            peak_wall = time.time() - start
             nursery.cancel_scope.cancel()
     finally:
         for miner in miners:
             miner.close()
     updates = [m.update_at - start for m in miners if m.update_at is not None]
     dones = [m.done_at - start for m in miners if m.done_at is not None]
+    sends = [m.sent_at_ - start for m in miners if m.sent_at_ is not None]
+    answers = [m.answered_at - start for m in miners if m.answered_at is not None]
     return {
         "connections": n,
         "games": cfg["games"],
         "connect_s": connect_s,
         "update_last_ms": max(updates) * 1e3 if len(updates) == n else math.inf,
+        "sent_last_ms": max(sends) * 1e3 if sends else math.nan,
+        "sent_median_ms": statistics.median(sends) * 1e3 if sends else math.nan,
+        "answer_last_ms": max(answers) * 1e3 if answers else math.nan,
+        "answer_median_ms": statistics.median(answers) * 1e3 if answers else math.nan,
         "miners_done": len(dones),
+        # the miners' own CPU (all threads) from the signal to the last one done: each
+        # real miner has a machine of its own, here they share this one's cores
+        "swarm_cpu_s": peak_cpu,
+        "swarm_cpu_per_miner_ms": peak_cpu / n * 1e3,
+        "swarm_wall_s": peak_wall,
         "median_ms": statistics.median(dones) * 1e3 if dones else math.nan,
         "last_ms": max(dones) * 1e3 if len(dones) == n else math.inf,
         "success_total": sum(m.stored for m in miners),

@@ -476,7 +476,10 @@ async def peak(cfg: dict[str, Any], links: list[Link], conns: list[Any]) -> dict
             last_answer = max(last_answer, now)
 
     await asyncio.sleep(cfg["settle"])  # the connections' own setup work is over
+    proc = _server(cfg.get("server_pid"))
+    cpu0 = _cpu(proc) if proc is not None else math.nan
     receivers = [asyncio.ensure_future(receiver(i)) for i in range(n)]
+    client_cpu0 = time.process_time()
     start = loop.time()
     await asyncio.gather(*(sender(i) for i in range(n)))
     sent_s = loop.time() - start
@@ -491,9 +494,15 @@ async def peak(cfg: dict[str, Any], links: list[Link], conns: list[Any]) -> dict
             stale = list(fifo[i]) if echo else list(pending[i].values())
             lost += len(stale)
             latencies += [now - s for s in stale]
+    cpu = (_cpu(proc) - cpu0) if proc is not None else math.nan
+    client_cpu = time.process_time() - client_cpu0
     return {
         "sent": sum(len(c[1]) for c in conns),
         "send_s": sent_s,
+        # the server's CPU time (all its threads) over the burst, per prediction
+        "server_cpu_s": cpu,
+        "server_cpu_us": cpu / max(1, sum(len(ids) for c in conns for ids in c[2])) * 1e6,
+        "client_cpu_s": client_cpu,
         "p50_ms": _pct(latencies, 0.50) * 1e3,
         "p99_ms": _pct(latencies, 0.99) * 1e3,
         "max_ms": max(latencies) * 1e3 if latencies else math.nan,

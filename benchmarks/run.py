@@ -138,7 +138,7 @@ class Server:
                 cmd += ["--games", str(games_file)]
             if PROFILE_DIR is not None:  # --profile: the same run under pyinstrument
                 report = PROFILE_DIR / f"{tag}.txt"
-                cmd = [PYTHON, "-m", "pyinstrument", "-r", "text", "-o", str(report),
+                cmd = [PYTHON, "-m", "pyinstrument", "-r", "text", "--show-all", "-o", str(report),
                        "-m", "bettensor_ws.node.cli", *cmd[1:]]
         elif contender == "floor":
             cmd = [PYTHON, str(HERE / "floor.py")]

@@ -18,7 +18,8 @@ step, the p50/p90/p99/max of the time since the previous one, in ms:
   (rules, insert, COMMIT with its fsync);
 * ``answered``: back on the loop, the committer handed the results to the link;
 * ``sent``: the confirmation's bytes were handed to the socket (signed on the
-  way, by the committer for a peer without ``batch``, by the writer for one with it).
+  way, by the committer for a peer without ``batch``, by the writer for one with
+  it; a burst of answers to one peer goes out in one write).
 
 The hooks wrap methods of this process's classes; they cost a few µs per step,
 so the totals run a little above ``run.py``'s. ``--batch`` makes the clients
@@ -68,6 +69,14 @@ class Tracer:
         for pid in pids:
             self.marks.setdefault(pid, {}).setdefault(step, at)
 
+    def sent(self, message: str | bytes, at: float) -> None:
+        try:
+            data = orjson.loads(message).get("data") or {}
+        except orjson.JSONDecodeError:
+            return
+        results = data.get("results") if isinstance(data.get("results"), list) else [data]
+        self.mark([r.get("prediction_id") for r in results if isinstance(r, dict)], "sent", at)
+
     def install(self) -> None:
         tracer = self
         ws_cls = trio_websocket.WebSocketConnection
@@ -81,16 +90,22 @@ class Tracer:
 
         async def traced_send_message(self: Any, message: str | bytes) -> None:
             await send_message(self, message)
-            now = clock()
-            try:
-                data = orjson.loads(message).get("data") or {}
-            except orjson.JSONDecodeError:
+            tracer.sent(message, clock())
+
+        send_messages = connection_mod.send_messages
+
+        async def traced_send_messages(ws: Any, texts: Any) -> None:
+            if len(texts) == 1:
+                await ws.send_message(texts[0])  # the traced send_message
                 return
-            results = data.get("results") if isinstance(data.get("results"), list) else [data]
-            tracer.mark([r.get("prediction_id") for r in results if isinstance(r, dict)], "sent", now)
+            await send_messages(ws, texts)
+            now = clock()
+            for text in texts:
+                tracer.sent(text, now)
 
         ws_cls._handle_message_event = traced_handle_message  # type: ignore[method-assign]
         ws_cls.send_message = traced_send_message  # type: ignore[method-assign]
+        connection_mod.send_messages = traced_send_messages  # type: ignore[assignment]
 
         conn_cls = connection_mod.LinkConnection
         conn_init = conn_cls.__init__
@@ -134,7 +149,20 @@ class Tracer:
 
             await enqueue(self, hotkey, predictions, traced_answer)
 
+        enqueue_nowait = gc_cls.enqueue_nowait
+
+        def traced_enqueue_nowait(self: Any, hotkey: str, predictions: Any, answer: Any) -> bool:
+            pids = [p.get("prediction_id") for p in predictions]
+            tracer.mark(pids, "queued")
+
+            def traced_answer(results: Any) -> None:
+                tracer.mark(pids, "answered")
+                answer(results)
+
+            return enqueue_nowait(self, hotkey, predictions, traced_answer)
+
         gc_cls.enqueue = traced_enqueue  # type: ignore[method-assign]
+        gc_cls.enqueue_nowait = traced_enqueue_nowait  # type: ignore[method-assign]
         gc_init = gc_cls.__init__
 
         def traced_gc_init(self: Any, submit_many: Any, *args: Any, **kwargs: Any) -> None:

@@ -138,7 +138,7 @@ class Server:
                 cmd += ["--games", str(games_file)]
             if PROFILE_DIR is not None:  # --profile: the same run under pyinstrument
                 report = PROFILE_DIR / f"{tag}.txt"
-                cmd = [PYTHON, "-m", "pyinstrument", "-r", "text", "--show-all", "-o", str(report),
+                cmd = [PYTHON, "-m", "pyinstrument", "-r", "text", "-o", str(report),
                        "-m", "bettensor_ws.node.cli", *cmd[1:]]
         elif contender == "floor":
             cmd = [PYTHON, str(HERE / "floor.py")]
@@ -384,6 +384,46 @@ def sweep_table(curves: dict[str, list[tuple[int, float, float]]]) -> str:
     return "\n".join(lines)
 
 
+def peak_table(runs: dict[str, dict[str, list[dict[str, Any]]]]) -> str:
+    """The peaks in detail: where the time went, medians over the rounds."""
+    def med(scenario: str, contender: str, key: str) -> float:
+        return _median([r.get(key, math.nan) for r in runs.get(scenario, {}).get(contender, []) if r.get("ok")])
+
+    lines = []
+    if runs.get("peak"):
+        lines += [
+            f"(a) {PEAK_MINERS} reference-format connections, {PEAK_GAMES} single predictions each, all sent at once:",
+            "",
+            "| contender | p50 (ms) | p99 (ms) | last answer (ms) | server CPU per prediction (µs) |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for c in CONTENDERS:
+            if runs["peak"].get(c):
+                lines.append(
+                    f"| {c} | {_fmt('{:,.0f}', med('peak', c, 'p50_ms'))} | {_fmt('{:,.0f}', med('peak', c, 'p99_ms'))} | "
+                    f"{_fmt('{:,.0f}', med('peak', c, 'last_ms'))} | {_fmt('{:.0f}', med('peak', c, 'server_cpu_us'))} |"
+                )
+        lines.append("")
+    if runs.get("gameupdate"):
+        lines += [
+            f"(b) one update of {PEAK_GAMES} new games to {PEAK_MINERS} of our MinerNodes (one process, "
+            "benchmarks/swarm.py), from the validator's signal; the miners' own CPU is what they spent "
+            "in that time, per miner:",
+            "",
+            "| validator | update at the last miner (ms) | last prediction sent (ms) | last answer received (ms) "
+            "| last confirmation stored (ms) | miners' CPU per miner (ms) |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for c in CONTENDERS:
+            if runs["gameupdate"].get(c):
+                cells = [med("gameupdate", c, k) for k in
+                         ("update_last_ms", "sent_last_ms", "answer_last_ms", "last_ms", "swarm_cpu_per_miner_ms")]
+                lines.append(f"| {c} | " + " | ".join(_fmt("{:,.0f}", v) for v in cells[:4])
+                             + f" | {_fmt('{:.1f}', cells[4])} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def plot(curves: dict[str, list[tuple[int, float, float]]], medians: dict[str, dict[str, float]], path: Path) -> None:
     import matplotlib
 
@@ -556,6 +596,7 @@ def main() -> int:
         "",
         "![latency against offered load](latency.png)",
         "",
+        *(["## The peaks", "", peak_table(runs)] if runs.get("peak") or runs.get("gameupdate") else []),
         "## Notes from the run",
         "",
         *([f"- {n}" for n in notes] or ["- nothing unusual: no failed runs, error answers or server errors"]),

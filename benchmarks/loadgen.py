@@ -272,11 +272,12 @@ async def closed_loop(cfg: dict[str, Any], links: list[Link], conns: list[Any]) 
                 stop_now.set()
                 return
             for _ in range(done_frames):
-                if sent >= len(frames):  # out of pre-signed frames: the window ends here
+                if sent >= len(frames) and not echo:  # out of pre-signed frames: the window ends here
                     stopped.append(now)
                     stop_now.set()
                     return
-                await ws.send(frames[sent], text=True)
+                # the floor echoes without reading: it may have the same frames again
+                await ws.send(frames[sent % len(frames)], text=True)
                 sent += 1
 
     tasks = [asyncio.ensure_future(run(i)) for i in range(len(links))]

@@ -1,6 +1,6 @@
 """What the shell needs of trio-websocket beyond sending and receiving:
-holding its I/O task through cancellation, closing politely, and keeping
-exception groups from reaching the caller."""
+holding its I/O task through cancellation, closing politely, keeping
+exception groups from reaching the caller, and writing several messages at once."""
 
 from __future__ import annotations
 
@@ -86,8 +86,8 @@ async def send_messages(ws: WebSocketConnection, texts: Sequence[str]) -> None:
     """Send text messages in order, framed together and written with one ``send_all``.
 
     trio-websocket writes each message with a socket send and a scheduling
-    round of its own; a writer with many frames queued (a miner's answers in a
-    burst) saves both for all but the first. It uses trio-websocket's framing
+    round of its own; a writer with many frames queued (a burst of answers to
+    one miner) saves both for all but the first. It uses trio-websocket's framing
     (its wsproto connection, under its send lock) exactly as ``send_message``
     does, and falls back to one ``send_message`` each if those internals ever
     change shape.

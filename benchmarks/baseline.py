@@ -21,9 +21,10 @@ durability as ours:
 
 ``--broadcast N`` sends a signed N-game update every ``--interval`` s to every
 connection, signed and encoded per connection and sent one after the other, as
-the reference's broadcast loop does.
+the reference's broadcast loop does. ``--peak-games N`` instead stores N new
+games and broadcasts them the same way on each SIGUSR1 (the game-update peak).
 
-    python benchmarks/baseline.py --db PATH [--games FILE] [--broadcast 100 --interval 2]
+    python benchmarks/baseline.py --db PATH [--games FILE] [--broadcast 100 --interval 2] [--peak-games 40]
 """
 
 from __future__ import annotations
@@ -85,6 +86,13 @@ class Store:
         )
         self.db.execute("COMMIT")
         self.thread = ThreadPoolExecutor(1, thread_name_prefix="db")
+
+    def add_games(self, games: list[dict[str, Any]]) -> None:
+        self.db.execute("BEGIN")
+        self.db.executemany(
+            "INSERT OR REPLACE INTO games VALUES (?, ?)", [(g["game_id"], json.dumps(g)) for g in games]
+        )
+        self.db.execute("COMMIT")
 
     def submit(self, hotkey: str, data: dict[str, Any]) -> tuple[Any, str, str]:
         """Check and store one prediction in its own transaction: (id, status, message)."""
@@ -277,12 +285,23 @@ class Baseline:
         rows = make_games(count)
         while True:
             await asyncio.sleep(interval)
-            data = {"games": rows, "timestamp": now_iso()}
-            for ws in list(self.conns):
-                try:
-                    await self.send(ws, "game_update", data)
-                except ConnectionClosed:
-                    pass
+            await self.broadcast(rows)
+
+    async def broadcast(self, rows: list[dict[str, Any]]) -> None:
+        data = {"games": rows, "timestamp": now_iso()}
+        for ws in list(self.conns):
+            try:
+                await self.send(ws, "game_update", data)
+            except ConnectionClosed:
+                pass
+
+    async def publish(self, count: int, rounds: int) -> None:
+        """New games: stored, then broadcast (the peak's trigger)."""
+        rows = make_games(count, seed=rounds)
+        for game in rows:
+            game["game_id"] = f"peak{rounds}-{game['game_id']}"
+        await asyncio.get_running_loop().run_in_executor(self.store.thread, self.store.add_games, rows)
+        await self.broadcast(rows)
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -294,6 +313,12 @@ async def main(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    published: list[asyncio.Task[None]] = []
+    if args.peak_games:
+        loop.add_signal_handler(
+            signal.SIGUSR1,
+            lambda: published.append(asyncio.create_task(baseline.publish(args.peak_games, len(published) + 1))),
+        )
     async with serve(
         baseline.handler, "127.0.0.1", 0, process_request=baseline.process_request,
         max_size=1 << 20, compression=None,
@@ -314,4 +339,5 @@ if __name__ == "__main__":
     parser.add_argument("--games", help="JSON list of TeamGame dicts")
     parser.add_argument("--broadcast", type=int, default=0, help="games per periodic update (0: none)")
     parser.add_argument("--interval", type=float, default=2.0)
+    parser.add_argument("--peak-games", type=int, default=0, help="new games per SIGUSR1 (0: none)")
     asyncio.run(main(parser.parse_args()))

@@ -22,7 +22,11 @@ Scenarios (``"scenario"``):
 * ``scale``: ``connections`` authenticated idle clients: the server's RSS growth
   per connection and its CPU over ``cpu_window`` s (psutil on ``server_pid``);
 * ``broadcast``: ``connections`` clients record when each game_update arrives;
-  time from the update's ``data.timestamp`` to the last client having it.
+  time from the update's ``data.timestamp`` to the last client having it;
+* ``peak``: ``connections`` authenticated clients each send ``frames_per_conn``
+  single-prediction frames at once (all connections together, as when a
+  validator publishes new games); latency = answer received - that frame's
+  send; p50/p99/max over every prediction, and the time to the last answer.
 
 ``"mode"`` says how answers are read: ``confirm`` (a validator: confirmations,
 single or ``{"results": [...]}``, only ``status == "success"`` counts) or ``echo``
@@ -268,11 +272,12 @@ async def closed_loop(cfg: dict[str, Any], links: list[Link], conns: list[Any]) 
                 stop_now.set()
                 return
             for _ in range(done_frames):
-                if sent >= len(frames):  # out of pre-signed frames: the window ends here
+                if sent >= len(frames) and not echo:  # out of pre-signed frames: the window ends here
                     stopped.append(now)
                     stop_now.set()
                     return
-                await ws.send(frames[sent], text=True)
+                # the floor echoes without reading: it may have the same frames again
+                await ws.send(frames[sent % len(frames)], text=True)
                 sent += 1
 
     tasks = [asyncio.ensure_future(run(i)) for i in range(len(links))]
@@ -423,6 +428,92 @@ def _cpu(proc: Any) -> float:
     return float(t.user + t.system)
 
 
+async def peak(cfg: dict[str, Any], links: list[Link], conns: list[Any]) -> dict[str, Any]:
+    """peak: every connection sends all its frames at once; send-to-answer per prediction."""
+    echo = cfg["mode"] == "echo"
+    n = len(links)
+    loop = asyncio.get_running_loop()
+    latencies: list[float] = []
+    pending: list[dict[str, float]] = [{} for _ in range(n)]
+    fifo: list[deque[float]] = [deque() for _ in range(n)]
+    remaining = [len(conns[i][1]) for i in range(n)]
+    errors = confirmed = 0
+    last_answer = 0.0
+
+    async def sender(i: int) -> None:
+        ws, frames, ids = links[i].ws, conns[i][1], conns[i][2]
+        for frame, pids in zip(frames, ids, strict=True):
+            now = loop.time()
+            if echo:
+                fifo[i].append(now)
+            else:
+                for pid in pids:
+                    pending[i][pid] = now
+            await ws.send(frame, text=True)
+
+    async def receiver(i: int) -> None:
+        nonlocal errors, confirmed, last_answer
+        link = links[i]
+        while remaining[i] > 0:
+            raw = await link.ws.recv(decode=False)
+            now = loop.time()
+            if echo:
+                latencies.append(now - fifo[i].popleft())
+                remaining[i] -= 1
+                last_answer = max(last_answer, now)
+                continue
+            results = classify(raw, link)
+            if results is None:
+                continue
+            for pid, ok in results:
+                remaining[i] -= 1
+                sent = pending[i].pop(pid, None)
+                if sent is None or not ok:
+                    errors += 1
+                else:
+                    confirmed += 1
+                if sent is not None:
+                    latencies.append(now - sent)
+            last_answer = max(last_answer, now)
+
+    await asyncio.sleep(cfg["settle"])  # the connections' own setup work is over
+    proc = _server(cfg.get("server_pid"))
+    cpu0 = _cpu(proc) if proc is not None else math.nan
+    receivers = [asyncio.ensure_future(receiver(i)) for i in range(n)]
+    client_cpu0 = time.process_time()
+    start = loop.time()
+    await asyncio.gather(*(sender(i) for i in range(n)))
+    sent_s = loop.time() - start
+    _, unfinished = await asyncio.wait(receivers, timeout=cfg["drain_timeout"])
+    lost = 0
+    if unfinished:
+        for task in unfinished:
+            task.cancel()
+        await asyncio.gather(*unfinished, return_exceptions=True)
+        now = loop.time()
+        for i in range(n):  # unanswered: at least this late
+            stale = list(fifo[i]) if echo else list(pending[i].values())
+            lost += len(stale)
+            latencies += [now - s for s in stale]
+    cpu = (_cpu(proc) - cpu0) if proc is not None else math.nan
+    client_cpu = time.process_time() - client_cpu0
+    return {
+        "sent": sum(len(c[1]) for c in conns),
+        "send_s": sent_s,
+        # the server's CPU time (all its threads) over the burst, per prediction
+        "server_cpu_s": cpu,
+        "server_cpu_us": cpu / max(1, sum(len(ids) for c in conns for ids in c[2])) * 1e6,
+        "client_cpu_s": client_cpu,
+        "p50_ms": _pct(latencies, 0.50) * 1e3,
+        "p99_ms": _pct(latencies, 0.99) * 1e3,
+        "max_ms": max(latencies) * 1e3 if latencies else math.nan,
+        "last_ms": ((last_answer - start) * 1e3) if last_answer and not lost else math.inf,
+        "errors": errors,
+        "success_total": confirmed,
+        "unanswered": lost,
+    }
+
+
 async def _drain(link: Link) -> None:
     try:
         async for _ in link.ws:
@@ -550,13 +641,15 @@ async def run(cfg: dict[str, Any], conns: list[Any]) -> dict[str, Any]:
             out = await closed_loop(cfg, links, conns)
         elif scenario == "latency":
             out = await open_loop(cfg, links, conns)
+        elif scenario == "peak":
+            out = await peak(cfg, links, conns)
         else:
             raise ValueError(f"unknown scenario {scenario!r}")
         errors: Counter[str] = Counter()
         for lk in links:
             errors.update(lk.errors)
         out["errors"] = dict(errors.most_common(10))
-        out["welcome_features"] = links[0].welcome.get("data", {}).get("features")
+        out["welcome_features"] = (links[0].welcome.get("data") or {}).get("features")
         return out
     finally:
         await close_links(links)

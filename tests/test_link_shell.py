@@ -169,3 +169,123 @@ async def test_send_to_takes_the_same_arguments_on_both_sides(
     miner = MinerWebSocketManager(bob)
     for manager, peer in ((validator, bob.ss58_address), (miner, alice.ss58_address)):
         assert await manager.send_to(peer, game_update(0)) is False  # not connected
+
+
+class _CountingStream(trio.abc.Stream):
+    """A stream that records each ``send_all``: what went out in one write."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.writes: list[bytes] = []
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        self.writes.append(bytes(data))
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        data: bytes | bytearray = await self.inner.receive_some(max_bytes)
+        return data
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_a_burst_of_answers_leaves_in_one_write_in_order(
+    alice: Keypair, bob: Keypair, autojump_clock: Any
+) -> None:
+    """To a peer without ``batch``, answers queued together go out in one socket write,
+    in order; a game update queued among them still goes alone, in its place."""
+    import trio_websocket
+
+    validator = ValidatorWebSocketManager(alice, heartbeat_interval=1e6, connection_timeout=1e6)
+
+    async def answer_burst(websocket: Any, message: WebSocketMessage) -> None:
+        assert isinstance(websocket, LinkConnection)
+        # queued without a checkpoint: the writer finds them all waiting
+        websocket.queue_results([{"prediction_id": f"p{i}", "status": "success", "message": "ok"}
+                                 for i in range(5)])
+        assert websocket.offer_broadcast(validator._signed_frame(game_update(99)))
+        websocket.queue_results([{"prediction_id": f"p{i}", "status": "success", "message": "ok"}
+                                 for i in range(5, 7)])
+
+    validator.register_handler("game_update", answer_burst)
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    counting = _CountingStream(server_stream)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(validator.handle_stream, counting)
+        ws = await trio_websocket.wrap_client_stream(nursery, client_stream, "localhost", "/ws")  # type: ignore[arg-type]
+        await authenticate(ws, bob)
+        sent_before = len(counting.writes)
+        await ws.send_message(_signed(game_update(0), bob))
+        got = []
+        for _ in range(8):
+            message = await next_message(ws)
+            got.append(message.data.get("prediction_id", message.type))
+        # replies go ahead of broadcasts: the seven answers, then the update
+        assert got == [f"p{i}" for i in range(7)] + ["game_update"]
+        writes = counting.writes[sent_before:]
+        answers = [w.count(b'"type":"confirmation"') for w in writes]
+        updates = [w.count(b'"type":"game_update"') for w in writes]
+        assert sum(answers) == 7 and sum(updates) == 1
+        assert max(answers) == 7  # all seven in one write
+        assert all(a == 0 for a, u in zip(answers, updates, strict=True) if u)  # the update alone
+        await ws.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_reply_among_answers_keeps_its_place_and_its_own_write(
+    alice: Keypair, bob: Keypair, autojump_clock: Any
+) -> None:
+    """An error reply queued between answers leaves after the answers before it and
+    before those after it, in a write of its own."""
+    import trio_websocket
+
+    validator = ValidatorWebSocketManager(alice, heartbeat_interval=1e6, connection_timeout=1e6)
+
+    async def answer_around_an_error(websocket: Any, message: WebSocketMessage) -> None:
+        assert isinstance(websocket, LinkConnection)
+        websocket.queue_results([{"prediction_id": f"p{i}", "status": "success", "message": "ok"}
+                                 for i in range(3)])
+        await websocket.send_json({"type": "error", "message": "in between"})
+        websocket.queue_results([{"prediction_id": f"p{i}", "status": "success", "message": "ok"}
+                                 for i in range(3, 5)])
+
+    validator.register_handler("game_update", answer_around_an_error)
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    counting = _CountingStream(server_stream)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(validator.handle_stream, counting)
+        ws = await trio_websocket.wrap_client_stream(nursery, client_stream, "localhost", "/ws")  # type: ignore[arg-type]
+        await authenticate(ws, bob)
+        sent_before = len(counting.writes)
+        await ws.send_message(_signed(game_update(0), bob))
+        got = []
+        for _ in range(6):
+            message = await next_message(ws)
+            got.append(message.data.get("prediction_id", message.type))
+        assert got == ["p0", "p1", "p2", "error", "p3", "p4"]
+        writes = counting.writes[sent_before:]
+        errors = [w for w in writes if b'"type":"error"' in w]
+        assert len(errors) == 1 and b'"type":"confirmation"' not in errors[0]
+        assert max(w.count(b'"type":"confirmation"') for w in writes) >= 2
+        await ws.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_send_messages_falls_back_to_one_send_each_without_trio_websocket_internals() -> None:
+    """Should trio-websocket's internals change shape, each message still goes, in order."""
+    from bettensor_ws.link.transport import send_messages
+
+    class Plain:
+        def __init__(self) -> None:
+            self.sent: list[str] = []
+
+        async def send_message(self, text: str) -> None:
+            self.sent.append(text)
+
+    plain = Plain()
+    await send_messages(plain, ["a", "b", "c"])  # type: ignore[arg-type]
+    assert plain.sent == ["a", "b", "c"]

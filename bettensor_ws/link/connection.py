@@ -22,6 +22,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 from ..protocol.dispatch import Dispatcher
 from ..protocol.link import (
     BATCH,
+    MINER_HOTKEY,
     Answer,
     Close,
     ConnectionSettings,
@@ -30,6 +31,7 @@ from ..protocol.link import (
     LinkProtocol,
     Notice,
     Refuse,
+    Role,
 )
 from ..protocol.messages import ConfirmationMessage, WebSocketMessage, now_iso
 from ..protocol.refusals import (
@@ -43,7 +45,7 @@ from ..protocol.refusals import (
 )
 from ..protocol.replies import to_message
 from .outbound import OutboundQueue
-from .transport import first_leaf
+from .transport import first_leaf, send_messages
 
 __all__ = ["BATCH", "REASON_FLOODING", "ConnectionSettings", "LinkClosed", "LinkConnection"]
 
@@ -54,6 +56,9 @@ REASON_FLOODING = FLOODED.reason
 
 _LOG_TRUNCATE = 300
 _MAX_PENDING_RESULTS = 50_000
+_WRITE_FRAMES = 64
+_WRITE_BYTES = 256 * 1024
+"""At most this many frames, and about this many bytes, go out in one socket write."""
 
 
 class LinkClosed(Exception):
@@ -81,9 +86,12 @@ class LinkConnection:
         self._watch: trio.CancelScope | None = None
         self.closed = trio.Event()
         self._results: list[dict[str, Any]] = []
-        # the frame the writer took from the queue and is writing: if the link is
-        # cancelled during that write, the flush sends it first instead of losing it
-        self._in_flight: Frame | None = None
+        # the frames the writer took from the queue and is writing: if the link is
+        # cancelled during that write, the flush sends them first instead of losing them
+        self._in_flight: list[Frame] = []
+        # a frame the writer took from the queue while gathering a burst of
+        # answers, to be written next on its own
+        self._held: Frame | None = None
 
     # ---- what handlers and managers call -------------------------------------------------
 
@@ -176,7 +184,12 @@ class LinkConnection:
                 return
 
     def _confirmation(self, data: dict[str, Any]) -> Frame:
-        return self.protocol.sign(ConfirmationMessage(sender="", data={**data, "timestamp": now_iso()}))
+        body = {**data, "timestamp": now_iso()}
+        if self.protocol.role is Role.VALIDATOR:
+            # named here, the miner it answers needs no copy of the message in sign()
+            body[MINER_HOTKEY] = self.protocol.peer_hotkey
+        # sign() sets the envelope's timestamp and nonce: none to make before it
+        return self.protocol.sign(ConfirmationMessage(sender="", data=body, timestamp="", nonce=""))
 
     def _take_results(self) -> Frame:
         results, self._results = self._results, []
@@ -244,10 +257,15 @@ class LinkConnection:
             return
         with trio.move_on_after(self.protocol.settings.close_timeout / 2):
             try:
-                if self._in_flight is not None:
-                    await self._ws.send_message(self._in_flight.text)
-                    self.protocol.send_finished(self._in_flight)
-                    self._in_flight = None
+                if self._in_flight:
+                    await send_messages(self._ws, [f.text for f in self._in_flight])
+                    for written in self._in_flight:
+                        self.protocol.send_finished(written)
+                    self._in_flight = []
+                if self._held is not None:
+                    await self._ws.send_message(self._held.text)
+                    self.protocol.send_finished(self._held)
+                    self._held = None
                 if self._results:
                     await self._ws.send_message(self._take_results().text)
                 while (frame := self._queue.get_nowait()) is not None:
@@ -314,18 +332,38 @@ class LinkConnection:
     async def _writer(self) -> None:
         protocol = self.protocol
         while True:
-            frame = self._take_results() if self._results else await self._queue.get()
+            frame: Frame | None
+            if self._held is not None:
+                frame, self._held = self._held, None
+            else:
+                frame = self._take_results() if self._results else await self._queue.get()
             if frame is None:
                 continue
+            frames = [frame]
+            if frame.type == ConfirmationMessage.MESSAGE_TYPE:
+                # a burst of answers (one per prediction, to a peer without batch)
+                # goes out in one write, in order; any other frame in a write of its own
+                size = len(frame.text)
+                while len(frames) < _WRITE_FRAMES and size < _WRITE_BYTES:
+                    more = self._queue.get_nowait()
+                    if more is None:
+                        break
+                    if more.type != ConfirmationMessage.MESSAGE_TYPE:
+                        self._held = more  # the next write's
+                        break
+                    frames.append(more)
+                    size += len(more.text)
             protocol.send_started(trio.current_time())
             self._rearm()
-            self._in_flight = frame
-            await self._ws.send_message(frame.text)
-            self._in_flight = None
-            protocol.send_finished(frame)
+            self._in_flight = frames
+            await send_messages(self._ws, [f.text for f in frames])
+            self._in_flight = []
+            for sent in frames:
+                protocol.send_finished(sent)
             protocol.backlog(trio.current_time(), full=self._queue.broadcasts_full())
             if log.isEnabledFor(logging.DEBUG):
-                log.debug("-> %s %s", self.hotkey, bounded(frame.text, _LOG_TRUNCATE))
+                for sent in frames:
+                    log.debug("-> %s %s", self.hotkey, bounded(sent.text, _LOG_TRUNCATE))
 
     def _rearm(self) -> None:
         """Wake the watchdog sooner if the protocol's next deadline moved earlier."""

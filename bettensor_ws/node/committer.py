@@ -63,6 +63,14 @@ class GroupCommitter:
         """
         await self._send.send(_Job(hotkey, predictions, answer))
 
+    def enqueue_nowait(self, hotkey: str, predictions: Sequence[dict[str, Any]], answer: Answer) -> bool:
+        """Like :meth:`enqueue` when the queue has room (True); False, and nothing queued, when full."""
+        try:
+            self._send.send_nowait(_Job(hotkey, predictions, answer))
+        except trio.WouldBlock:
+            return False
+        return True
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Commit groups until cancelled; a failed commit fails only its group."""
         task_status.started()

@@ -156,7 +156,12 @@ class ValidatorNode(ValidatorWebSocketManager):
             slots = self._job_slots.get(conn)
             if slots is None:
                 slots = self._job_slots[conn] = trio.Semaphore(JOBS_PER_PEER)
-            await slots.acquire()
+            # Without waiting when there is room (the reader yields for its next
+            # frame anyway): each wait here is a scheduling round per frame.
+            try:
+                slots.acquire_nowait()
+            except trio.WouldBlock:
+                await slots.acquire()
             queued_at = trio.current_time()
 
             def answer(results: list[PredictionResult] | None) -> None:
@@ -165,7 +170,8 @@ class ValidatorNode(ValidatorWebSocketManager):
                 conn.queue_results(merged(results), together=is_batch)
 
             try:
-                await self.committer.enqueue(websocket.hotkey, predictions, answer)
+                if not self.committer.enqueue_nowait(websocket.hotkey, predictions, answer):
+                    await self.committer.enqueue(websocket.hotkey, predictions, answer)
             except BaseException:
                 slots.release()
                 raise

@@ -182,29 +182,6 @@ def _port(value: str) -> int:
     return port
 
 
-def _at_least(low: float, strict: bool = False) -> Any:
-    def parse(value: str) -> float:
-        try:
-            number = float(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid number {value!r}") from None
-        if not (number > low if strict else number >= low) or number == float("inf"):
-            raise argparse.ArgumentTypeError(f"{value} must be {'over' if strict else 'at least'} {low:g}")
-        return number
-
-    return parse
-
-
-def _netuid(value: str) -> int:
-    try:
-        netuid = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid netuid {value!r}") from None
-    if not 0 <= netuid <= 65535:
-        raise argparse.ArgumentTypeError(f"netuid {netuid} is outside 0-65535")
-    return netuid
-
-
 def _add_chain_options(parser: argparse.ArgumentParser, role: str) -> None:
     """The subnet (both commands) and the game sources (the validator): issue 14."""
     from .chain import DEFAULT_REFRESH, NETWORKS
@@ -215,7 +192,7 @@ def _add_chain_options(parser: argparse.ArgumentParser, role: str) -> None:
         "(DB.metagraph-NETUID.json), so a restart while the chain is unreachable goes on with it. "
         "SIGHUP reads it again at once.",
     )
-    group.add_argument("--netuid", type=_netuid, help="the subnet's uid")
+    group.add_argument("--netuid", type=int, help="the subnet's uid")
     group.add_argument(
         "--subtensor.network", dest="subtensor_network", metavar="NAME",
         help=f"{', '.join(NETWORKS)} (default: finney)",
@@ -225,14 +202,14 @@ def _add_chain_options(parser: argparse.ArgumentParser, role: str) -> None:
         help="ws://HOST:PORT or wss://HOST:PORT of a subtensor node (overrides --subtensor.network)",
     )
     group.add_argument(
-        "--metagraph-refresh", type=_at_least(1.0), default=DEFAULT_REFRESH, metavar="SECONDS",
+        "--metagraph-refresh", type=float, default=DEFAULT_REFRESH, metavar="SECONDS",
         help="seconds between metagraph reads (default: %(default)g)",
     )
     if role == "validator":
         from .games import DEFAULT_POLL
 
         group.add_argument(
-            "--min-stake", type=_at_least(0.0), default=0.0, metavar="STAKE",
+            "--min-stake", type=float, default=0.0, metavar="STAKE",
             help="admit only miners with at least this total stake, in the subnet's units (default: 0)",
         )
         games = parser.add_argument_group("game sources (default: a simulated feed)")
@@ -241,7 +218,7 @@ def _add_chain_options(parser: argparse.ArgumentParser, role: str) -> None:
             help="poll an HTTP(S) endpoint serving the JSON list of games --games takes",
         )
         games.add_argument(
-            "--games-poll", type=_at_least(0.0, strict=True), default=DEFAULT_POLL, metavar="SECONDS",
+            "--games-poll", type=float, default=DEFAULT_POLL, metavar="SECONDS",
             help="seconds between looks at --games (re-read when it changes) or --games-url "
             "(default: %(default)g); SIGHUP reads either at once",
         )

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import re
 from datetime import UTC, datetime, timedelta
-from functools import lru_cache
 from typing import Any
 
 from ..protocol.replay import parse_timestamp
@@ -80,20 +79,6 @@ def utc_day(moment: datetime) -> str:
     return moment.astimezone(UTC).date().isoformat()
 
 
-@lru_cache(maxsize=64)
-def _day_of(epoch_day: int) -> str:
-    return (_EPOCH + timedelta(days=epoch_day)).date().isoformat()
-
-
-@lru_cache(maxsize=8)
-def _bounds(received: datetime) -> tuple[float, float]:
-    # one receipt moment per group commit: computed once for all its predictions
-    return (received - BACKDATE_TOLERANCE).timestamp(), (received + FUTURE_TOLERANCE).timestamp()
-
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
 def prediction_day(data: Any, received: datetime) -> str:
     """The UTC day a prediction's wager counts on, the same at miner and validator.
 
@@ -103,6 +88,7 @@ def prediction_day(data: Any, received: datetime) -> str:
     receipt (``received``), so back-dating can reach at most yesterday's budget.
     Without a readable date, the day of receipt.
     """
+    moment = received
     raw = data.get("prediction_date") if isinstance(data, dict) else None
     if isinstance(raw, str):
         try:
@@ -110,10 +96,10 @@ def prediction_day(data: Any, received: datetime) -> str:
         except (ValueError, OverflowError):
             stamp = None
         if stamp is not None:
-            low, high = _bounds(received)
-            # whole seconds of UTC days: no leap seconds in epoch time
-            return _day_of(int(min(max(stamp, low), high) // 86400))
-    return utc_day(received)
+            low = (received - BACKDATE_TOLERANCE).timestamp()
+            high = (received + FUTURE_TOLERANCE).timestamp()
+            moment = datetime.fromtimestamp(min(max(stamp, low), high), UTC)
+    return utc_day(moment)
 
 
 def _number(value: Any) -> float | None:
@@ -133,10 +119,6 @@ def check_own_data(data: dict[str, Any]) -> str | None:
     return None
 
 
-_game_start = lru_cache(maxsize=1024)(parse_timestamp)
-"""A game's start time, parsed once per text: every prediction on the game reads it."""
-
-
 def check_prediction(
     data: dict[str, Any],
     *,
@@ -154,7 +136,7 @@ def check_prediction(
     if game is None:
         return UNKNOWN_GAME
     try:
-        starts = _game_start(str(game["event_start_date"]))
+        starts = parse_timestamp(str(game["event_start_date"]))
     except (ValueError, OverflowError):
         return GAME_STARTED  # an unreadable start time cannot be shown to be in the future
     if starts <= now.timestamp():

@@ -83,7 +83,7 @@ WAL_CHECKPOINT_PAGES = 8000
 """WAL pages (4 KiB) after which a validator's commit copies the log into the database
 (SQLite's default: 1,000). Under load every group commit rewrites the same index pages;
 a longer log copies each of them once per checkpoint instead of once per few commits:
-batched predictions/s +10%. The log file may grow to about 32 MiB."""
+batched predictions/s +10-14%. The log file may grow to about 32 MiB."""
 
 MAX_RECORDED_REFUSALS = 1000
 """Refusals recorded per miner per day; past it a refusal is answered, not kept,

@@ -218,7 +218,6 @@ MAX_FIELDS = 32
 """Most fields one prediction may have (a TeamGamePrediction has 16)."""
 
 _SCALARS = (str, int, float, bool, type(None))
-_SCALAR_TYPES = frozenset(_SCALARS)
 
 
 def _check_prediction(raw: Any, path: str) -> None:
@@ -237,7 +236,7 @@ def _check_prediction(raw: Any, path: str) -> None:
     if len(raw) > MAX_FIELDS:
         raise DecodeError(f"{path}: {len(raw)} fields over the limit of {MAX_FIELDS}")
     for key, value in raw.items():
-        if type(value) not in _SCALAR_TYPES and not isinstance(value, _SCALARS):
+        if not isinstance(value, _SCALARS):
             raise DecodeError(f"{path}.{str(key)[:40]}: expected a number, string, boolean or null")
 
 

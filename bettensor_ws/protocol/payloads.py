@@ -245,15 +245,11 @@ _SCALAR_CHECKS: dict[Any, Check] = {
     Literal["success", "error"]: _check_with(_status),
     dict[str, Any]: _check_with(_plain_dict),
 }
-_EXACT: dict[Any, type[Any]] = {float: float, str: str, bool: bool, str | int: str}
-"""The one type per kind of field that needs no check beyond its type (a float only
-when finite): the common case, tested inline before any call."""
-_FIELD_TABLES: dict[type[Any], tuple[tuple[str, bool, bool, Check, type[Any] | None], ...]] = {}
-_MISSING = object()
+_FIELD_TABLES: dict[type[Any], tuple[tuple[str, bool, bool, Check], ...]] = {}
 
 
-def _field_table(cls: type[Any]) -> tuple[tuple[str, bool, bool, Check, type[Any] | None], ...]:
-    """(name, required, nullable, check, exact type) per field, resolved once per class."""
+def _field_table(cls: type[Any]) -> tuple[tuple[str, bool, bool, Check], ...]:
+    """(name, required, nullable, check) per field, resolved once per class."""
     table = _FIELD_TABLES.get(cls)
     if table is None:
         rows = []
@@ -263,9 +259,7 @@ def _field_table(cls: type[Any]) -> tuple[tuple[str, bool, bool, Check, type[Any
             if nullable:
                 rest: Any = tuple(a for a in get_args(type_) if a is not NoneType)
                 type_ = rest[0] if len(rest) == 1 else Union[rest]  # noqa: UP007
-            rows.append(
-                (field.name, field.default is attrs.NOTHING, nullable, _SCALAR_CHECKS[type_], _EXACT.get(type_))
-            )
+            rows.append((field.name, field.default is attrs.NOTHING, nullable, _SCALAR_CHECKS[type_]))
         table = _FIELD_TABLES[cls] = tuple(rows)
     return table
 
@@ -278,16 +272,12 @@ def check_payload(raw: Any, cls: type[Any], path: str) -> None:
     """
     if type(raw) is not dict:
         raise DecodeError(f"{path}: expected an object, got {_type_name(raw)}")
-    get = raw.get
-    for name, required, nullable, check, exact in _field_table(cls):
-        value = get(name, _MISSING)
-        kind = type(value)
-        if kind is exact and (kind is not float or value - value == 0.0):  # finite
-            continue
-        if value is _MISSING:
+    for name, required, nullable, check in _field_table(cls):
+        if name not in raw:
             if required:
                 raise DecodeError(f"{path}.{name}: required field missing")
             continue
+        value = raw[name]
         if value is None and nullable:
             continue
         problem = check(value)

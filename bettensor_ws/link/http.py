@@ -24,6 +24,7 @@ __all__ = [
     "read_head",
     "respond",
     "serve_http",
+    "url_host",
 ]
 
 log = logging.getLogger("bettensor_ws.http")
@@ -39,6 +40,11 @@ request from any client we know is far smaller."""
 
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 426: "Upgrade Required",
             500: "Internal Server Error", 503: "Service Unavailable"}
+
+
+def url_host(host: str) -> str:
+    """``host`` as a URL spells it: an IPv6 address in brackets (``[::]``)."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
 class ReplayStream(trio.abc.Stream):
@@ -148,7 +154,7 @@ async def serve_http(
 
     listeners = await trio.open_tcp_listeners(port, host=host)
     bound = listeners[0].socket.getsockname()[1]
-    log.info("metrics on http://%s:%d/metrics", f"[{host}]" if ":" in host else host, bound)
+    log.info("metrics on http://%s:%d/metrics", url_host(host), bound)
     async with trio.open_nursery() as nursery:
         await nursery.start(trio.serve_listeners, handle, listeners)
         task_status.started(bound)

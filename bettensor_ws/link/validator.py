@@ -41,7 +41,7 @@ from ..protocol.refusals import (
 )
 from ..protocol.signing import Signer
 from .connection import LinkConnection
-from .http import HttpRoute, ReplayStream, plain_get, read_head, respond
+from .http import HttpRoute, ReplayStream, plain_get, read_head, respond, url_host
 from .manager import Manager, settings_from
 from .transport import close_quietly, hold_transport, plain_errors
 
@@ -65,11 +65,6 @@ AUTH_JITTER = 0.1
 at random: peers that connected together (a slowloris crowd) are then not all refused,
 and do not all reconnect, in the same instant, a burst that held up every other
 miner's messages for tens of milliseconds."""
-
-
-def url_host(host: str) -> str:
-    """``host`` as a URL spells it: an IPv6 address in brackets (``[::]``)."""
-    return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
 def _peer_of(stream: trio.abc.Stream) -> str:

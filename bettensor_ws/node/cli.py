@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 import trio
 
 from .. import __version__
-from ..link.validator import url_host
+from ..link.http import url_host
 from ..protocol.identity import canonical_hotkey
 from ..protocol.signing import Signer
 from .logs import setup_logging

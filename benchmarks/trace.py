@@ -14,8 +14,10 @@ step, the p50/p90/p99/max of the time since the previous one, in ms:
 * ``our reader``: our reader task took it (``get_message`` returned);
 * ``admitted``: parsed, checked and its signature verified (``LinkProtocol.receive``);
 * ``queued``: the handler queued it for the group commit;
-* ``db start`` / ``db done``: the DB thread started / finished its group
-  (rules, insert, COMMIT with its fsync);
+* ``decided``: the committer's decision thread has answered its group (the
+  rules, against what is stored and what earlier groups decided);
+* ``db start`` / ``db done``: the write thread started / finished writing that
+  group (insert, COMMIT with its fsync), while the next group is decided;
 * ``answered``: back on the loop, the committer handed the results to the link;
 * ``sent``: the confirmation's bytes were handed to the socket (signed on the
   way, by the committer for a peer without ``batch``, by the writer for one with
@@ -52,7 +54,7 @@ from bettensor_ws.node.cli import SWITCH_INTERVAL
 from bettensor_ws.protocol import link as link_mod
 
 HERE = Path(__file__).resolve().parent
-STEPS = ("ws reader", "our reader", "admitted", "queued", "db start", "db done", "answered", "sent")
+STEPS = ("ws reader", "our reader", "admitted", "queued", "decided", "db start", "db done", "answered", "sent")
 clock = time.perf_counter
 
 
@@ -165,16 +167,26 @@ class Tracer:
         gc_cls.enqueue_nowait = traced_enqueue_nowait  # type: ignore[method-assign]
         gc_init = gc_cls.__init__
 
-        def traced_gc_init(self: Any, submit_many: Any, *args: Any, **kwargs: Any) -> None:
+        def traced_gc_init(self: Any, submit_many: Any, *args: Any, write: Any = None, **kwargs: Any) -> None:
             def traced_submit_many(jobs: Any) -> Any:
                 pids = [p.get("prediction_id") for _, predictions in jobs for p in predictions]
-                tracer.mark(pids, "db start")
                 try:
                     return submit_many(jobs)
                 finally:
+                    tracer.mark(pids, "decided")
+                    if write is None:  # one step: decided and written together
+                        tracer.mark(pids, "db start")
+                        tracer.mark(pids, "db done")
+
+            def traced_write(batch: Any) -> Any:
+                pids = [r.get("prediction_id") for results in batch.results for r in results]
+                tracer.mark(pids, "db start")
+                try:
+                    return write(batch)
+                finally:
                     tracer.mark(pids, "db done")
 
-            gc_init(self, traced_submit_many, *args, **kwargs)
+            gc_init(self, traced_submit_many, *args, write=None if write is None else traced_write, **kwargs)
 
         gc_cls.__init__ = traced_gc_init  # type: ignore[method-assign]
 

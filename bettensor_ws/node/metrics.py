@@ -10,8 +10,8 @@ commit and once per confirmation message. Each node has its own
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol, TypeVar
 
 import orjson
 import trio
@@ -59,7 +59,7 @@ COMMIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.
 WRITE_CHECK_INTERVAL = 5.0
 """Seconds a /health answer about the database's writability is reused."""
 
-SubmitMany = Callable[[Sequence[tuple[str, Sequence[dict[str, Any]]]]], list[list[PredictionResult]]]
+T = TypeVar("T")
 
 
 def _json(status: int, body: dict[str, Any]) -> HttpResponse:
@@ -167,13 +167,14 @@ class ValidatorMetrics(_NodeMetrics):
         self.stored = 0
         self.refused = 0
 
-    def timed(self, submit_many: SubmitMany) -> SubmitMany:
-        """``submit_many`` that observes its commit time and counts its results
-        (it runs on the DB thread, once per group)."""
+    def timed(self, commit: Callable[[T], list[list[PredictionResult]]]) -> Callable[[T], list[list[PredictionResult]]]:
+        """``commit`` (``submit_many``, or a pipelined committer's write step) that
+        observes its commit time and counts its results (it runs on the DB thread,
+        once per group)."""
 
-        def run(jobs: Sequence[tuple[str, Sequence[dict[str, Any]]]]) -> list[list[PredictionResult]]:
+        def run(jobs: T) -> list[list[PredictionResult]]:
             started = time.perf_counter()
-            results = submit_many(jobs)
+            results = commit(jobs)
             self.commit_seconds.observe(time.perf_counter() - started)
             total = stored = 0
             for group in results:

@@ -12,7 +12,7 @@ import json
 import logging
 import math
 import sqlite3
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -32,6 +32,7 @@ __all__ = [
     "WrongDatabase",
     "database_kind",
     "PredictionResult",
+    "StaleBatch",
     "ValidatorStore",
     "canonical",
 ]
@@ -363,14 +364,32 @@ class ValidatorStore(_Store):
     def __init__(self, path: str | Path) -> None:
         super().__init__(path)
         self.db.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}")
+        # The decision step's own connection: it reads while the previous group's
+        # write holds ``db`` (WAL: readers never wait for the writer).
+        self.reader = connect(path)
         # Read on every prediction, written only here: kept in memory so a group
         # commit makes no per-game or per-miner queries. Both game caches are LRUs
         # of bounded size (see _game_for); upsert_games keeps them current.
+        # Everything below is the decision step's: only decide() (and upsert_games,
+        # which a caller must not run beside it) touches it, on one thread at a time.
         self._known_games: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._unknown_games: OrderedDict[str, None] = OrderedDict()
         self._day_wagers: dict[tuple[str, str], float] = {}
         self._recorded_refusals: dict[tuple[str, str], int] = {}
         self._expired_on: str | None = None
+        # Decided but not yet durable: what the next decision must see that the
+        # reader cannot yet. Keyed (miner, id), with the group that wrote each.
+        self._undurable: dict[tuple[str, str], tuple[str, str, str]] = {}
+        self._undurable_groups: deque[tuple[int, list[tuple[str, str]]]] = deque()
+        self._decided_seq = 0
+        self._cache_epoch = 0
+        # Written by write() only (another thread): plain ints, read by decide().
+        self._durable_seq = 0
+        self._epoch = 0
+
+    def close(self) -> None:
+        self.reader.close()
+        super().close()
 
     def upsert_games(self, games: Iterable[TeamGame | dict[str, Any]]) -> list[str]:
         rows = list(games)
@@ -398,7 +417,8 @@ class ValidatorStore(_Store):
         if key in unknown:
             unknown.move_to_end(key)
             return None
-        game = self.game(key)
+        row = self.reader.execute("SELECT * FROM games WHERE game_id=?", (key,)).fetchone()
+        game = _game_dict(row) if row is not None else None
         if game is not None:
             known[key] = game
             if len(known) > KNOWN_GAME_CACHE_SIZE:
@@ -430,56 +450,105 @@ class ValidatorStore(_Store):
         again); the same miner's prediction_id with other content is an error. A
         prediction id is the miner's own: another miner's use of it changes nothing.
 
-        The whole group costs a handful of SQLite calls (one lookup, one sum,
-        one multi-row insert per table): each call releases the GIL, and on a
-        busy event loop every re-acquisition can wait a whole switch interval.
+        It is :meth:`decide` then :meth:`write`; a group committer runs the two on
+        two threads, so that one group is decided while the one before is written.
         """
-        batch = _Batch(now or _now())
-        db = self.db
-        with transaction(db):
-            batch.answered = self._answered(
-                [
-                    (hotkey, pid)
-                    for hotkey, predictions in jobs
-                    for pid in map(prediction_id_of, predictions)
-                    if pid
-                ]
-            )
-            # each prediction's day, read once: the wager sums to load, then the rules
-            days = [[prediction_day(data, batch.moment) for data in predictions] for _, predictions in jobs]
-            batch.wagered = self._wagered(
-                {(hotkey, day) for (hotkey, _), job_days in zip(jobs, days, strict=True) for day in job_days}
-            )
-            results = [
-                self._decide(batch, hotkey, predictions, job_days)
-                for (hotkey, predictions), job_days in zip(jobs, days, strict=True)
-            ]
-            _insert_rows(
-                db,
-                "predictions (prediction_id, miner_hotkey, game_id, wager, predicted_outcome, "
-                "body, received_at, day, status, message)",
-                batch.accepted,
-            )
-            _insert_rows(
-                db,
-                "rejections (prediction_id, miner_hotkey, body, message, received_at, body_hash)",
-                batch.refused,
-            )
-            self._expire_refusals(batch.moment)
+        return self.write(self.decide(jobs, now))
+
+    def decide(
+        self,
+        jobs: Sequence[tuple[str, Sequence[dict[str, Any]]]],
+        now: datetime | None = None,
+    ) -> _Batch:
+        """Answer every job's predictions, as :meth:`submit_many` would; nothing is
+        stored until :meth:`write` takes the batch, which must be done in order.
+
+        May run while the previous batch's :meth:`write` is in progress (not beside
+        another decide, nor beside :meth:`upsert_games`): what earlier batches
+        decided and did not yet make durable is kept in memory and counts as stored,
+        and if one of their writes fails, every batch decided after it is refused
+        by :meth:`write` too (:class:`StaleBatch`), since it was decided on top.
+
+        The whole group costs a handful of SQLite calls (one lookup, one sum): each
+        call releases the GIL, and on a busy event loop every re-acquisition can
+        wait a whole switch interval.
+        """
+        epoch = self._epoch  # read once: a write failing from here on makes this batch stale
+        self._settle(epoch)
+        self._decided_seq += 1
+        batch = _Batch(now or _now(), self._decided_seq, epoch)
+        batch.answered = self._answered(
+            [(hotkey, pid) for hotkey, predictions in jobs for pid in map(prediction_id_of, predictions) if pid]
+        )
+        # each prediction's day, read once: the wager sums to load, then the rules
+        days = [[prediction_day(data, batch.moment) for data in predictions] for _, predictions in jobs]
+        batch.wagered = self._wagered(
+            {(hotkey, day) for (hotkey, _), job_days in zip(jobs, days, strict=True) for day in job_days}
+        )
+        batch.results = [
+            self._decide(batch, hotkey, predictions, job_days)
+            for (hotkey, predictions), job_days in zip(jobs, days, strict=True)
+        ]
+        self._plan_expiry(batch)
         self._day_wagers.update(batch.wagered)
         for hotkey, count in batch.recorded.items():
             self._recorded_refusals[(hotkey, batch.day)] = count
-        return results
+        if batch.decided:
+            self._undurable_groups.append((batch.seq, batch.decided))
+            for key in batch.decided:
+                self._undurable[key] = batch.answered[key]
+        return batch
 
-    def _expire_refusals(self, moment: datetime) -> None:
-        """Once a day, forget refusals older than :data:`REFUSAL_RETENTION`."""
-        day = utc_day(moment)
-        if day == self._expired_on:
+    def write(self, batch: _Batch) -> list[list[PredictionResult]]:
+        """Store what :meth:`decide` accepted and recorded, in one transaction; the
+        batch's answers, once durable. Raises (and nothing of it is stored) if it
+        fails, or if a batch decided before it failed (:class:`StaleBatch`)."""
+        if batch.epoch != self._epoch:
+            raise StaleBatch("decided on top of a batch whose write failed")
+        try:
+            with transaction(self.db):
+                _insert_rows(
+                    self.db,
+                    "predictions (prediction_id, miner_hotkey, game_id, wager, predicted_outcome, "
+                    "body, received_at, day, status, message)",
+                    batch.accepted,
+                )
+                _insert_rows(
+                    self.db,
+                    "rejections (prediction_id, miner_hotkey, body, message, received_at, body_hash)",
+                    batch.refused,
+                )
+                if batch.expire_before is not None:
+                    self.db.execute("DELETE FROM rejections WHERE received_at < ?", (batch.expire_before,))
+        except BaseException:
+            self._epoch += 1  # the next decide starts again from what is on disk
+            raise
+        self._durable_seq = batch.seq
+        return batch.results
+
+    def _settle(self, epoch: int) -> None:
+        """Before deciding: forget what a failed write left in memory, and the
+        undurable entries of batches now on disk (the reader sees them)."""
+        if self._cache_epoch != epoch:
+            self._cache_epoch = epoch
+            self._undurable.clear()
+            self._undurable_groups.clear()
+            self._day_wagers.clear()
+            self._recorded_refusals.clear()
+            self._expired_on = None
+        durable = self._durable_seq
+        groups = self._undurable_groups
+        while groups and groups[0][0] <= durable:
+            for key in groups.popleft()[1]:
+                self._undurable.pop(key, None)
+
+    def _plan_expiry(self, batch: _Batch) -> None:
+        """Once a day, the batch also forgets refusals older than :data:`REFUSAL_RETENTION`."""
+        if batch.day == self._expired_on:
             return
-        cutoff = (moment - REFUSAL_RETENTION).isoformat()
-        self.db.execute("DELETE FROM rejections WHERE received_at < ?", (cutoff,))
-        self._expired_on = day
-        self._recorded_refusals = {k: v for k, v in self._recorded_refusals.items() if k[1] == day}
+        batch.expire_before = (batch.moment - REFUSAL_RETENTION).isoformat()
+        self._expired_on = batch.day
+        self._recorded_refusals = {k: v for k, v in self._recorded_refusals.items() if k[1] == batch.day}
 
     def _decide(
         self, batch: _Batch, miner_hotkey: str, predictions: Sequence[dict[str, Any]], days: Sequence[str]
@@ -511,6 +580,7 @@ class ValidatorStore(_Store):
                         (pid, miner_hotkey, bounded(body, REFUSAL_EXCERPT), reason, batch.received_at, digest)
                     )
                     answered[(miner_hotkey, pid)] = (digest, "error", reason)
+                    batch.decided.append((miner_hotkey, pid))
                 results.append(_result(pid, "error", reason))
                 continue
             assert pid is not None
@@ -520,6 +590,7 @@ class ValidatorStore(_Store):
                  batch.received_at, day, "success", self.ACCEPTED)
             )
             answered[(miner_hotkey, pid)] = (digest, "success", self.ACCEPTED)
+            batch.decided.append((miner_hotkey, pid))
             batch.wagered[(miner_hotkey, day)] = wagered + wager
             results.append(_result(pid, "success", self.ACCEPTED))
         return results
@@ -530,7 +601,7 @@ class ValidatorStore(_Store):
         if count is None:
             count = self._recorded_refusals.get((miner_hotkey, batch.day))
             if count is None:
-                count = int(self.db.execute(
+                count = int(self.reader.execute(
                     "SELECT COUNT(*) FROM rejections WHERE miner_hotkey=? AND received_at >= ?",
                     (miner_hotkey, batch.day),
                 ).fetchone()[0])
@@ -542,15 +613,18 @@ class ValidatorStore(_Store):
     def _answered(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], tuple[str, str, str]]:
         """(digest of the body, status, message) already recorded for any of the
         (miner, id) ``keys``."""
-        found: dict[tuple[str, str], tuple[str, str, str]] = {}
-        unique = list(dict.fromkeys(keys))
+        # the undurable first: one whose write completes after this lookup and
+        # before the query below is then found in one or the other
+        undurable = self._undurable
+        found = {key: undurable[key] for key in keys if key in undurable} if undurable else {}
+        unique = [key for key in dict.fromkeys(keys) if key not in found]
         # one query for every miner of the group: each SQLite call hands the GIL
         # back to a busy event loop, and a group of 256 miners made 256 of them
         per_query = _MAX_PARAMS // 2
         for start in range(0, len(unique), per_query):
             chunk = unique[start : start + per_query]
             pairs = ",".join(["(?,?)"] * len(chunk))
-            for row in self.db.execute(
+            for row in self.reader.execute(
                 f"WITH k(h, p) AS (VALUES {pairs}) "
                 "SELECT r.miner_hotkey, r.prediction_id, r.body, 'error', r.message, r.body_hash "
                 "FROM k JOIN rejections r ON r.miner_hotkey = k.h AND r.prediction_id = k.p UNION ALL "
@@ -568,14 +642,14 @@ class ValidatorStore(_Store):
         missing: dict[str, list[str]] = {}
         for hotkey, day in sorted(pairs - totals.keys()):
             missing.setdefault(day, []).append(hotkey)
-        if missing and len(self._day_wagers) > 100_000:  # old days: forget rather than grow
-            self._day_wagers.clear()
+        if missing and len(self._day_wagers) > 100_000 and not self._undurable_groups:
+            self._day_wagers.clear()  # old days: forget rather than grow (not while a sum is undurable)
         for day, hotkeys in missing.items():
             totals.update(dict.fromkeys(((h, day) for h in hotkeys), 0.0))
             for start in range(0, len(hotkeys), _MAX_PARAMS - 1):
                 chunk = hotkeys[start : start + _MAX_PARAMS - 1]
                 marks = ",".join("?" * len(chunk))
-                for hotkey, total in self.db.execute(
+                for hotkey, total in self.reader.execute(
                     "SELECT miner_hotkey, SUM(wager) FROM predictions "
                     f"WHERE day=? AND miner_hotkey IN ({marks}) GROUP BY miner_hotkey",
                     [day, *chunk],
@@ -632,10 +706,19 @@ def _insert_rows(db: sqlite3.Connection, target: str, rows: list[tuple[Any, ...]
         )
 
 
-class _Batch:
-    """One transaction's working state: what it read once, and the rows it will write."""
+class StaleBatch(Exception):
+    """A batch decided on top of one whose write failed: not written, answer it as failed."""
 
-    def __init__(self, moment: datetime) -> None:
+
+class _Batch:
+    """One group's decisions: what it read once, its answers, and the rows to write."""
+
+    def __init__(self, moment: datetime, seq: int = 0, epoch: int = 0) -> None:
+        self.seq = seq
+        self.epoch = epoch
+        self.results: list[list[PredictionResult]] = []
+        self.decided: list[tuple[str, str]] = []
+        self.expire_before: str | None = None
         self.moment = moment
         self.day = utc_day(moment)
         self.received_at = moment.isoformat()

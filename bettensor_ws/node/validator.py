@@ -66,7 +66,7 @@ class ValidatorNode(ValidatorWebSocketManager):
         self.store = ValidatorStore(db_path)
         self.db = DbThread()
         self.metrics = ValidatorMetrics(self)
-        self.committer = GroupCommitter(self.metrics.timed(self.store.submit_many), self.db)
+        self.committer = GroupCommitter(self.store.decide, self.db, write=self.metrics.timed(self.store.write))
         self.http_routes = {**self.metrics.routes(), **self.http_routes}
         self.guard_keeper = GuardKeeper(self.guard, self.store, self.db)
         self._job_slots: weakref.WeakKeyDictionary[LinkConnection, trio.Semaphore] = weakref.WeakKeyDictionary()
@@ -212,7 +212,7 @@ class ValidatorNode(ValidatorWebSocketManager):
     async def update_games(self, games: Iterable[TeamGame | dict[str, Any]]) -> int | None:
         """Store games, then broadcast them; returns how many miners got the update."""
         rows = [converter.unstructure(g) if isinstance(g, TeamGame) else dict(g) for g in games]
-        await self.db.run(self.store.upsert_games, rows)
+        await self.db.run_exclusive(self.store.upsert_games, rows)  # decisions read the games
         return await self.broadcast_game_updates(rows)
 
     @property

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import math
 import re
-from datetime import UTC, datetime, timedelta
+from collections.abc import Iterable
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from ..protocol.replay import parse_timestamp
@@ -19,8 +20,10 @@ __all__ = [
     "HEALABLE",
     "check_own_data",
     "check_prediction",
+    "game_start",
     "means_stored",
     "prediction_day",
+    "prediction_days",
     "prediction_id_of",
     "utc_day",
 ]
@@ -88,18 +91,45 @@ def prediction_day(data: Any, received: datetime) -> str:
     receipt (``received``), so back-dating can reach at most yesterday's budget.
     Without a readable date, the day of receipt.
     """
-    moment = received
-    raw = data.get("prediction_date") if isinstance(data, dict) else None
-    if isinstance(raw, str):
+    return prediction_days([data], received)[0]
+
+
+_EPOCH = date(1970, 1, 1)
+
+
+def prediction_days(items: Iterable[Any], received: datetime) -> list[str]:
+    """:func:`prediction_day` of each item, for a whole group at once (the bounds
+    and each day's text worked out once, not per prediction)."""
+    low = (received - BACKDATE_TOLERANCE).timestamp()
+    high = (received + FUTURE_TOLERANCE).timestamp()
+    receipt_day = utc_day(received)
+    names: dict[int, str] = {}
+    days = []
+    for data in items:
+        raw = data.get("prediction_date") if isinstance(data, dict) else None
+        if not isinstance(raw, str):
+            days.append(receipt_day)
+            continue
         try:
             stamp = parse_timestamp(raw)
         except (ValueError, OverflowError):
-            stamp = None
-        if stamp is not None:
-            low = (received - BACKDATE_TOLERANCE).timestamp()
-            high = (received + FUTURE_TOLERANCE).timestamp()
-            moment = datetime.fromtimestamp(min(max(stamp, low), high), UTC)
-    return utc_day(moment)
+            days.append(receipt_day)
+            continue
+        number = int(min(max(stamp, low), high) // 86400)  # POSIX days: the UTC date
+        name = names.get(number)
+        if name is None:
+            name = names[number] = (_EPOCH + timedelta(days=number)).isoformat()
+        days.append(name)
+    return days
+
+
+def game_start(game: dict[str, Any]) -> float:
+    """A game's start in epoch seconds; -inf when unreadable (an unreadable start
+    time cannot be shown to be in the future: such a game counts as started)."""
+    try:
+        return parse_timestamp(str(game["event_start_date"]))
+    except (ValueError, OverflowError):
+        return -math.inf
 
 
 def _number(value: Any) -> float | None:
@@ -111,8 +141,12 @@ def _number(value: Any) -> float | None:
 def check_own_data(data: dict[str, Any]) -> str | None:
     """The rules a prediction breaks on its own, game and day aside: what a miner
     checks before sending it (``missing data``, a wager that is not positive)."""
-    if prediction_id_of(data) is None or any(data.get(k) in (None, "") for k in _REQUIRED):
+    if prediction_id_of(data) is None:
         return MISSING_DATA
+    for key in _REQUIRED:
+        value = data.get(key)
+        if value is None or value == "":
+            return MISSING_DATA
     wager = _number(data["wager"])
     if wager is None or not math.isfinite(wager) or wager <= 0:
         return BAD_WAGER
@@ -125,8 +159,13 @@ def check_prediction(
     game: dict[str, Any] | None,
     wagered_today: float,
     now: datetime,
+    starts: float | None = None,
 ) -> str | None:
-    """None when the prediction is acceptable, else the first rule it breaks."""
+    """None when the prediction is acceptable, else the first rule it breaks.
+
+    ``starts``: the game's start (epoch seconds), if the caller already parsed
+    ``event_start_date``; a group commit reads it once per game, not per prediction.
+    """
     reason = check_own_data(data)
     if reason is not None:
         return reason
@@ -135,10 +174,8 @@ def check_prediction(
         return DAILY_LIMIT
     if game is None:
         return UNKNOWN_GAME
-    try:
-        starts = parse_timestamp(str(game["event_start_date"]))
-    except (ValueError, OverflowError):
-        return GAME_STARTED  # an unreadable start time cannot be shown to be in the future
+    if starts is None:
+        starts = game_start(game)
     if starts <= now.timestamp():
         return GAME_STARTED
     outcome = str(data["predicted_outcome"]).strip().lower()

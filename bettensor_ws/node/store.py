@@ -23,7 +23,15 @@ import orjson
 
 from ..protocol.payloads import TeamGame, converter
 from ..protocol.refusals import bounded
-from .rules import HEALABLE, check_prediction, prediction_day, prediction_id_of, utc_day
+from .rules import (
+    HEALABLE,
+    check_prediction,
+    game_start,
+    prediction_day,
+    prediction_days,
+    prediction_id_of,
+    utc_day,
+)
 
 __all__ = [
     "KNOWN_GAME_CACHE_SIZE",
@@ -372,15 +380,14 @@ class ValidatorStore(_Store):
         # of bounded size (see _game_for); upsert_games keeps them current.
         # Everything below is the decision step's: only decide() (and upsert_games,
         # which a caller must not run beside it) touches it, on one thread at a time.
-        self._known_games: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._known_games: OrderedDict[str, tuple[dict[str, Any], float]] = OrderedDict()
         self._unknown_games: OrderedDict[str, None] = OrderedDict()
         self._day_wagers: dict[tuple[str, str], float] = {}
         self._recorded_refusals: dict[tuple[str, str], int] = {}
         self._expired_on: str | None = None
-        # Decided but not yet durable: what the next decision must see that the
-        # reader cannot yet. Keyed (miner, id), with the group that wrote each.
-        self._undurable: dict[tuple[str, str], tuple[str, str, str]] = {}
-        self._undurable_groups: deque[tuple[int, list[tuple[str, str]]]] = deque()
+        # Decided but not yet durable, per group: what the next decision must see
+        # that the reader cannot yet. Each (miner, id) is decided once, in one group.
+        self._undurable_groups: deque[tuple[int, dict[tuple[str, str], _Answer]]] = deque()
         self._decided_seq = 0
         self._cache_epoch = 0
         # Written by write() only (another thread): plain ints, read by decide().
@@ -403,8 +410,9 @@ class ValidatorStore(_Store):
             self._unknown_games.pop(game_id, None)
         return changed
 
-    def _game_for(self, game_id: Any) -> dict[str, Any] | None:
-        """The stored game ``game_id`` names, or None: from the caches, else one query."""
+    def _game_for(self, game_id: Any) -> tuple[dict[str, Any], float] | None:
+        """The stored game ``game_id`` names and its start (epoch seconds), or None:
+        from the caches, else one query."""
         if game_id is None:
             return None  # refused as missing data; caching it as "None" could hide a game so named
         key = str(game_id)
@@ -418,12 +426,13 @@ class ValidatorStore(_Store):
             unknown.move_to_end(key)
             return None
         row = self.reader.execute("SELECT * FROM games WHERE game_id=?", (key,)).fetchone()
-        game = _game_dict(row) if row is not None else None
-        if game is not None:
-            known[key] = game
+        if row is not None:
+            game_row = _game_dict(row)
+            game = known[key] = (game_row, game_start(game_row))
             if len(known) > KNOWN_GAME_CACHE_SIZE:
                 known.popitem(last=False)
         else:
+            game = None
             unknown[key] = None
             if len(unknown) > UNKNOWN_GAME_CACHE_SIZE:
                 unknown.popitem(last=False)
@@ -481,7 +490,7 @@ class ValidatorStore(_Store):
             [(hotkey, pid) for hotkey, predictions in jobs for pid in map(prediction_id_of, predictions) if pid]
         )
         # each prediction's day, read once: the wager sums to load, then the rules
-        days = [[prediction_day(data, batch.moment) for data in predictions] for _, predictions in jobs]
+        days = [prediction_days(predictions, batch.moment) for _, predictions in jobs]
         batch.wagered = self._wagered(
             {(hotkey, day) for (hotkey, _), job_days in zip(jobs, days, strict=True) for day in job_days}
         )
@@ -495,8 +504,6 @@ class ValidatorStore(_Store):
             self._recorded_refusals[(hotkey, batch.day)] = count
         if batch.decided:
             self._undurable_groups.append((batch.seq, batch.decided))
-            for key in batch.decided:
-                self._undurable[key] = batch.answered[key]
         return batch
 
     def write(self, batch: _Batch) -> list[list[PredictionResult]]:
@@ -531,7 +538,6 @@ class ValidatorStore(_Store):
         undurable entries of batches now on disk (the reader sees them)."""
         if self._cache_epoch != epoch:
             self._cache_epoch = epoch
-            self._undurable.clear()
             self._undurable_groups.clear()
             self._day_wagers.clear()
             self._recorded_refusals.clear()
@@ -539,8 +545,7 @@ class ValidatorStore(_Store):
         durable = self._durable_seq
         groups = self._undurable_groups
         while groups and groups[0][0] <= durable:
-            for key in groups.popleft()[1]:
-                self._undurable.pop(key, None)
+            groups.popleft()
 
     def _plan_expiry(self, batch: _Batch) -> None:
         """Once a day, the batch also forgets refusals older than :data:`REFUSAL_RETENTION`."""
@@ -557,13 +562,15 @@ class ValidatorStore(_Store):
         group has seen so far."""
         results: list[PredictionResult] = []
         answered = batch.answered
+        moment = batch.moment
         for data, day in zip(predictions, days, strict=True):
             pid = prediction_id_of(data)
             body = canonical(data)
-            digest = _digest(body)
             old = answered.get((miner_hotkey, pid)) if pid is not None else None
             if old is not None:
-                if old[0] == digest:
+                # the same content: compared as text where the whole body is known,
+                # else by digest (a recorded refusal keeps only an excerpt and a hash)
+                if (old[3] == body) if old[3] is not None else (old[0] == _digest(body)):
                     results.append(_result(pid, old[1], old[2]))
                 else:
                     results.append(
@@ -571,16 +578,20 @@ class ValidatorStore(_Store):
                     )
                 continue
             wagered = batch.wagered.get((miner_hotkey, day), 0.0)
-            reason = check_prediction(
-                data, game=self._game_for(data.get("game_id")), wagered_today=wagered, now=batch.moment
-            )
+            found = self._game_for(data.get("game_id"))
+            if found is None:
+                reason = check_prediction(data, game=None, wagered_today=wagered, now=moment)
+            else:
+                reason = check_prediction(data, game=found[0], wagered_today=wagered, now=moment, starts=found[1])
             if reason is not None:
                 if pid is not None and reason not in HEALABLE and self._may_record(batch, miner_hotkey):
+                    digest = _digest(body)
                     batch.refused.append(
                         (pid, miner_hotkey, bounded(body, REFUSAL_EXCERPT), reason, batch.received_at, digest)
                     )
-                    answered[(miner_hotkey, pid)] = (digest, "error", reason)
-                    batch.decided.append((miner_hotkey, pid))
+                    answered[(miner_hotkey, pid)] = batch.decided[(miner_hotkey, pid)] = (
+                        digest, "error", reason, body
+                    )
                 results.append(_result(pid, "error", reason))
                 continue
             assert pid is not None
@@ -589,8 +600,9 @@ class ValidatorStore(_Store):
                 (pid, miner_hotkey, str(data.get("game_id")), wager, str(data["predicted_outcome"]), body,
                  batch.received_at, day, "success", self.ACCEPTED)
             )
-            answered[(miner_hotkey, pid)] = (digest, "success", self.ACCEPTED)
-            batch.decided.append((miner_hotkey, pid))
+            answered[(miner_hotkey, pid)] = batch.decided[(miner_hotkey, pid)] = (
+                None, "success", self.ACCEPTED, body
+            )
             batch.wagered[(miner_hotkey, day)] = wagered + wager
             results.append(_result(pid, "success", self.ACCEPTED))
         return results
@@ -610,13 +622,13 @@ class ValidatorStore(_Store):
         batch.recorded[miner_hotkey] = count + 1
         return True
 
-    def _answered(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], tuple[str, str, str]]:
-        """(digest of the body, status, message) already recorded for any of the
-        (miner, id) ``keys``."""
+    def _answered(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], _Answer]:
+        """The answer already given to any of the (miner, id) ``keys`` (see :data:`_Answer`)."""
         # the undurable first: one whose write completes after this lookup and
         # before the query below is then found in one or the other
-        undurable = self._undurable
-        found = {key: undurable[key] for key in keys if key in undurable} if undurable else {}
+        found: dict[tuple[str, str], _Answer] = {}
+        for _, decided in self._undurable_groups:
+            found.update((key, decided[key]) for key in keys if key in decided)
         unique = [key for key in dict.fromkeys(keys) if key not in found]
         # one query for every miner of the group: each SQLite call hands the GIL
         # back to a busy event loop, and a group of 256 miners made 256 of them
@@ -632,8 +644,9 @@ class ValidatorStore(_Store):
                 "FROM k JOIN predictions t ON t.miner_hotkey = k.h AND t.prediction_id = k.p",
                 [value for key in chunk for value in key],
             ):
-                # rows from before schema 5 keep the whole body and no hash
-                found[(row[0], row[1])] = (row[5] or _digest(row[2]), row[3], row[4])
+                # a refusal keeps an excerpt and a hash (rows from before schema 5:
+                # the whole body, no hash); a prediction keeps its whole body
+                found[(row[0], row[1])] = (row[5], row[3], row[4], None if row[5] else row[2])
         return found
 
     def _wagered(self, pairs: set[tuple[str, str]]) -> dict[tuple[str, str], float]:
@@ -706,6 +719,11 @@ def _insert_rows(db: sqlite3.Connection, target: str, rows: list[tuple[Any, ...]
         )
 
 
+_Answer = tuple[str | None, str, str, str | None]
+"""(digest of the body, status, message, the whole body): what was answered to a
+(miner, id); the body where known, else its digest (a recorded refusal's)."""
+
+
 class StaleBatch(Exception):
     """A batch decided on top of one whose write failed: not written, answer it as failed."""
 
@@ -717,13 +735,13 @@ class _Batch:
         self.seq = seq
         self.epoch = epoch
         self.results: list[list[PredictionResult]] = []
-        self.decided: list[tuple[str, str]] = []
+        self.decided: dict[tuple[str, str], _Answer] = {}
         self.expire_before: str | None = None
         self.moment = moment
         self.day = utc_day(moment)
         self.received_at = moment.isoformat()
         self.wagered: dict[tuple[str, str], float] = {}
-        self.answered: dict[tuple[str, str], tuple[str, str, str]] = {}
+        self.answered: dict[tuple[str, str], _Answer] = {}
         self.recorded: dict[str, int] = {}
         self.accepted: list[tuple[Any, ...]] = []
         self.refused: list[tuple[Any, ...]] = []

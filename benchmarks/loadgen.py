@@ -244,6 +244,7 @@ async def closed_loop(cfg: dict[str, Any], links: list[Link], conns: list[Any]) 
     stop_now = asyncio.Event()
     in_window = 0
     logs: list[list[tuple[float, int]]] = [[] for _ in links]
+    meter = CpuMeter(cfg)
 
     async def run(i: int) -> None:
         nonlocal in_window
@@ -293,6 +294,7 @@ async def closed_loop(cfg: dict[str, Any], links: list[Link], conns: list[Any]) 
         await asyncio.gather(waiter, *tasks, return_exceptions=True)
     if not stopped:
         raise TimeoutError("no answers: the server stopped answering")
+    cpu = meter.read(sum(ok for log in logs for _, ok in log))
     stop = min(stopped)
     window = stop - start
     counted = sum(ok for log in logs for t, ok in log if start <= t <= stop)
@@ -303,6 +305,7 @@ async def closed_loop(cfg: dict[str, Any], links: list[Link], conns: list[Any]) 
         "counted": counted,
         "success_total": confirmed,  # every success answer received, in the window or not
         "frames_exhausted": stop < end,
+        **cpu,
     }
 
 
@@ -387,6 +390,7 @@ async def one_rate(
                     latencies.append(now - sched)
 
     receivers = [asyncio.ensure_future(receiver(i)) for i in range(n)]
+    meter = CpuMeter(cfg)
     async with asyncio.timeout(cfg["rate_duration"] + 60):
         await asyncio.gather(*(sender(i) for i in range(n)))
     sent_done = loop.time()
@@ -412,6 +416,7 @@ async def one_rate(
         "success_total": confirmed,
         "unanswered": lost,
         "drain_s": loop.time() - sent_done,
+        **meter.read(count * n),
     }
 
 
@@ -424,8 +429,39 @@ def _server(pid: int | None) -> Any:
 
 
 def _cpu(proc: Any) -> float:
-    t = proc.cpu_times()
-    return float(t.user + t.system)
+    """CPU seconds of the server, its child processes included (benchmarks/workers.py)."""
+    import psutil
+
+    total = 0.0
+    for p in (proc, *proc.children(recursive=True)):
+        try:
+            t = p.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += t.user + t.system
+    return total
+
+
+class CpuMeter:
+    """The server's and this load generator's CPU over a stretch of a run: is either saturated?"""
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        self.proc = _server(cfg.get("server_pid"))
+        self.server0 = _cpu(self.proc) if self.proc is not None else math.nan
+        self.client0 = time.process_time()
+        self.wall0 = time.perf_counter()
+
+    def read(self, predictions: int) -> dict[str, float]:
+        wall = time.perf_counter() - self.wall0
+        server = (_cpu(self.proc) - self.server0) if self.proc is not None else math.nan
+        client = time.process_time() - self.client0
+        return {
+            "server_cpu_s": server,
+            "server_cpu_us": server / max(1, predictions) * 1e6,
+            "server_cpu_pct": server / wall * 100,  # of one core; above 100 on two workers
+            "client_cpu_s": client,
+            "client_cpu_pct": client / wall * 100,  # the load generator is one process, one core
+        }
 
 
 async def peak(cfg: dict[str, Any], links: list[Link], conns: list[Any]) -> dict[str, Any]:
@@ -477,10 +513,8 @@ async def peak(cfg: dict[str, Any], links: list[Link], conns: list[Any]) -> dict
             last_answer = max(last_answer, now)
 
     await asyncio.sleep(cfg["settle"])  # the connections' own setup work is over
-    proc = _server(cfg.get("server_pid"))
-    cpu0 = _cpu(proc) if proc is not None else math.nan
+    meter = CpuMeter(cfg)
     receivers = [asyncio.ensure_future(receiver(i)) for i in range(n)]
-    client_cpu0 = time.process_time()
     start = loop.time()
     await asyncio.gather(*(sender(i) for i in range(n)))
     sent_s = loop.time() - start
@@ -495,15 +529,11 @@ async def peak(cfg: dict[str, Any], links: list[Link], conns: list[Any]) -> dict
             stale = list(fifo[i]) if echo else list(pending[i].values())
             lost += len(stale)
             latencies += [now - s for s in stale]
-    cpu = (_cpu(proc) - cpu0) if proc is not None else math.nan
-    client_cpu = time.process_time() - client_cpu0
     return {
         "sent": sum(len(c[1]) for c in conns),
         "send_s": sent_s,
-        # the server's CPU time (all its threads) over the burst, per prediction
-        "server_cpu_s": cpu,
-        "server_cpu_us": cpu / max(1, sum(len(ids) for c in conns for ids in c[2])) * 1e6,
-        "client_cpu_s": client_cpu,
+        # the server's CPU time (all its threads and processes) over the burst, per prediction
+        **meter.read(sum(len(ids) for c in conns for ids in c[2])),
         "p50_ms": _pct(latencies, 0.50) * 1e3,
         "p99_ms": _pct(latencies, 0.99) * 1e3,
         "max_ms": max(latencies) * 1e3 if latencies else math.nan,

@@ -9,6 +9,12 @@ after the other, in an order rotated every round:
 * ``floor``: benchmarks/floor.py, a bare trio-websocket echo server;
 * ``baseline``: benchmarks/baseline.py, a validator in the reference design.
 
+``--contenders ours,ours2`` adds a hidden one, never run by default:
+
+* ``ours2``: benchmarks/workers.py, the same validator options on two worker
+  processes sharing the port (an upper bound: nothing shared between them);
+  its own table compares it with ``ours``, CPU included.
+
 Each run starts its server as a subprocess, waits for its ``listening on`` line,
 runs benchmarks/loadgen.py (its own process) against it, and stops it with
 SIGTERM. Medians over the rounds go into benchmarks/results/results.md (the
@@ -48,9 +54,12 @@ PROFILE_DIR: Path | None = None
 # has installed (an editable install of another worktree, or a release)
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
 CONTENDERS = ("ours", "floor", "baseline")
+HIDDEN = ("ours2",)  # only with --contenders; kept out of the main table and the plot
+WORKERS = 2
 SCENARIOS = ("throughput", "latency", "batched", "scale", "broadcast", "peak", "gameupdate")
-# who runs each scenario: the floor neither stores nor confirms, so it has no game-update peak
-RUNS_IN = {"gameupdate": ("ours", "baseline")}
+# who runs each scenario: the floor neither stores nor confirms, so it has no game-update peak;
+# ours2 only where its numbers mean what they say (its RSS would be one process's, its feed one per worker)
+RUNS_IN = {"gameupdate": ("ours", "baseline"), "scale": CONTENDERS, "broadcast": CONTENDERS}
 RATES = [250, 500, 1000, 2000, 4000]
 LATENCY_AT = 1000
 BROADCAST_GAMES = 100
@@ -126,7 +135,7 @@ class Server:
         if contender == "ours" and scenario == "gameupdate":
             cmd = [PYTHON, str(HERE / "peakvalidator.py"), "--db", db, "--games-per-update", str(PEAK_GAMES),
                    "--rate-limit", "1000000", "--rate-burst", "1000000", "--heartbeat-interval", str(HEARTBEAT)]
-        elif contender == "ours":
+        elif contender in ("ours", "ours2"):
             cmd = [
                 CLI, "validator", "--host", "127.0.0.1", "--port", "0", "--db", db,
                 "--hotkey-uri", "//Alice", "--rate-limit", "1000000", "--rate-burst", "1000000",
@@ -136,7 +145,9 @@ class Server:
                 cmd += ["--feed-games", str(BROADCAST_GAMES), "--feed-interval", str(BROADCAST_INTERVAL)]
             else:
                 cmd += ["--games", str(games_file)]
-            if PROFILE_DIR is not None:  # --profile: the same run under pyinstrument
+            if contender == "ours2":  # the same options, to benchmarks/workers.py
+                cmd = [PYTHON, str(HERE / "workers.py"), "--workers", str(WORKERS), *cmd[2:]]
+            elif PROFILE_DIR is not None:  # --profile: the same run under pyinstrument
                 report = PROFILE_DIR / f"{tag}.txt"
                 cmd = [PYTHON, "-m", "pyinstrument", "-r", "text", "-o", str(report),
                        "-m", "bettensor_ws.node.cli", *cmd[1:]]
@@ -188,8 +199,19 @@ class Server:
                 "notable_count": len(notable)}
 
 
+def worker_dbs(path: Path) -> list[Path]:
+    """The databases of benchmarks/workers.py given ``--db path``: path.w0, path.w1..."""
+    found = [p for p in path.parent.glob(f"{path.name}.w*") if re.fullmatch(r"\.w\d+", p.name[len(path.name):])]
+    return sorted(found, key=lambda p: int(p.name[len(path.name) + 2:]))
+
+
 def stored_predictions(path: Path) -> int | None:
-    """Predictions in a stopped server's database: at least as many as were confirmed."""
+    """Predictions in a stopped server's database (or its workers' together): at least
+    as many as were confirmed."""
+    parts = worker_dbs(path)
+    if parts:
+        counts = [stored_predictions(p) for p in parts]
+        return None if None in counts else sum(c for c in counts if c is not None)
     import sqlite3
 
     try:
@@ -248,6 +270,8 @@ def one_run(
     result["server"] = result_server
     if contender != "floor" and scenario in ("throughput", "latency", "batched", "peak"):
         result["db_rows"] = stored_predictions(tmp / f"{tag}.db")
+        if contender == "ours2":  # how the kernel spread the load
+            result["db_rows_per_worker"] = [stored_predictions(p) for p in worker_dbs(tmp / f"{tag}.db")]
     result["seconds"] = time.monotonic() - started
     return result
 
@@ -277,7 +301,8 @@ def summarize(runs: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, dic
         return _median([r.get(key, math.nan) if r.get("ok") else math.nan for r in rs])
 
     out: dict[str, dict[str, float]] = {}
-    for c in CONTENDERS:
+    hidden = [h for h in HIDDEN if any(by_c.get(h) for by_c in runs.values())]
+    for c in (*CONTENDERS, *hidden):
         lat = runs.get("latency", {}).get(c, [])
         pairs = [_latency_at(r, LATENCY_AT) for r in lat]
         out[c] = {
@@ -397,7 +422,7 @@ def peak_table(runs: dict[str, dict[str, list[dict[str, Any]]]]) -> str:
             "| contender | p50 (ms) | p99 (ms) | last answer (ms) | server CPU per prediction (µs) |",
             "|---|---:|---:|---:|---:|",
         ]
-        for c in CONTENDERS:
+        for c in (*CONTENDERS, *HIDDEN):
             if runs["peak"].get(c):
                 lines.append(
                     f"| {c} | {_fmt('{:,.0f}', med('peak', c, 'p50_ms'))} | {_fmt('{:,.0f}', med('peak', c, 'p99_ms'))} | "
@@ -421,6 +446,40 @@ def peak_table(runs: dict[str, dict[str, list[dict[str, Any]]]]) -> str:
                 lines.append(f"| {c} | " + " | ".join(_fmt("{:,.0f}", v) for v in cells[:4])
                              + f" | {_fmt('{:.1f}', cells[4])} |")
         lines.append("")
+    return "\n".join(lines)
+
+
+def workers_table(runs: dict[str, dict[str, list[dict[str, Any]]]]) -> str:
+    """ours against ours2 (benchmarks/workers.py), with the CPU each side spent: medians over the rounds."""
+    def med(scenario: str, c: str, key: str, rate: int | None = None) -> float:
+        values = []
+        for r in runs.get(scenario, {}).get(c, []):
+            if not r.get("ok"):
+                continue
+            point = r if rate is None else next((p for p in r.get("sweep", []) if p.get("rate") == rate), {})
+            values.append(point.get(key, math.inf if rate is not None else math.nan))
+        return _median(values)
+
+    rows: list[tuple[str, str, str, str | None, str]] = []
+    for scenario in ("throughput", "batched"):
+        rows.append((f"{scenario} (pred/s)", scenario, "rate", None, "{:,.0f}"))
+    rows += [(f"p{q} at {r:,}/s (ms)", "latency", f"p{q}_ms", str(r), "{:.2f}") for r in RATES for q in (50, 99)]
+    rows += [("peak (a) p99 (ms)", "peak", "p99_ms", None, "{:,.0f}"),
+             ("peak (a) last answer (ms)", "peak", "last_ms", None, "{:,.0f}")]
+    for scenario, rate in (("throughput", None), ("batched", None), ("latency", str(LATENCY_AT)), ("peak", None)):
+        at = f" at {int(rate):,}/s" if rate else ""
+        rows += [(f"{scenario}{at}: server CPU per prediction (µs)", scenario, "server_cpu_us", rate, "{:.0f}"),
+                 (f"{scenario}{at}: server CPU (% of one core)", scenario, "server_cpu_pct", rate, "{:.0f}"),
+                 (f"{scenario}{at}: load generator CPU (% of one core)", scenario, "client_cpu_pct", rate, "{:.0f}")]
+    lines = ["| metric | ours | ours2 | ours2/ours |", "|---|---:|---:|---:|"]
+    for label, scenario, key, rate, fmt in rows:
+        if not runs.get(scenario, {}).get("ours2"):
+            continue
+        a, b = (med(scenario, c, key, int(rate) if rate else None) for c in ("ours", "ours2"))
+        lines.append(f"| {label} | {_fmt(fmt, a)} | {_fmt(fmt, b)} | {_ratio(b, a)} |")
+    splits = [f"{s}: " + ", ".join("/".join(str(n) for n in r.get("db_rows_per_worker", [])) for r in rs if r.get("ok"))
+              for s, by_c in runs.items() if (rs := by_c.get("ours2"))]
+    lines += ["", "Predictions stored by each worker, round by round: " + "; ".join(splits) + "."]
     return "\n".join(lines)
 
 
@@ -536,7 +595,7 @@ def main() -> int:
     unknown = set(scenarios) - set(SCENARIOS)
     if unknown:
         parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
-    contenders = [c for c in CONTENDERS if c in args.contenders.split(",")]
+    contenders = [c for c in (*CONTENDERS, *HIDDEN) if c in args.contenders.split(",")]
     rounds = args.rounds or (1 if args.quick else 3)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < 8192 and (hard == resource.RLIM_INFINITY or hard > soft):
@@ -553,9 +612,12 @@ def main() -> int:
         games_file.write_text(json.dumps(make_games(10)))
         for scenario in scenarios:
             settings = SETTINGS[scenario][1 if args.quick else 0]
+            if "ours2" in contenders and scenario in ("throughput", "batched"):
+                # WORKERS processes answer faster: enough pre-signed frames for the whole window
+                settings = {**settings, "frames_per_conn": settings["frames_per_conn"] * WORKERS}
             runs[scenario] = {c: [] for c in contenders}
             for rnd in range(rounds):
-                who = [c for c in contenders if c in RUNS_IN.get(scenario, CONTENDERS)]
+                who = [c for c in contenders if c in RUNS_IN.get(scenario, (*CONTENDERS, *HIDDEN))]
                 order = who[rnd % len(who):] + who[: rnd % len(who)]
                 for c in order:
                     result = one_run(c, scenario, rnd, settings, tmp, games_file)
@@ -597,6 +659,8 @@ def main() -> int:
         "![latency against offered load](latency.png)",
         "",
         *(["## The peaks", "", peak_table(runs)] if runs.get("peak") or runs.get("gameupdate") else []),
+        *([f"## Two worker processes (ours2: benchmarks/workers.py, {WORKERS} workers, an upper bound)", "",
+           workers_table(runs), ""] if any(by_c.get("ours2") for by_c in runs.values()) else []),
         "## Notes from the run",
         "",
         *([f"- {n}" for n in notes] or ["- nothing unusual: no failed runs, error answers or server errors"]),
@@ -621,6 +685,9 @@ def main() -> int:
     print()
     print(md_table)
     print()
+    if any(by_c.get("ours2") for by_c in runs.values()):
+        print(workers_table(runs))
+        print()
     for n in notes:
         print(f"note: {n}")
     missed = [label for key, label, _ in ROWS if met[key] is False]

@@ -1546,6 +1546,30 @@ async def test_miner_reconnects_after_validator_restart_on_same_port(alice: Keyp
             outer.cancel_scope.cancel()
 
 
+async def test_two_validators_serve_one_port_from_premade_listeners(alice: Keypair, bob: Keypair) -> None:
+    """``listeners=``: each serves its own SO_REUSEPORT socket on one port (benchmarks/workers.py)."""
+    import socket
+
+    port = 0
+    validators = []
+    for _ in range(2):
+        sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        await sock.bind(("127.0.0.1", port))
+        port = sock.getsockname()[1]  # the second binds the first's port
+        sock.listen()
+        validators.append(ValidatorWebSocketManager(alice, listeners=[trio.SocketListener(sock)]))
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            for validator in validators:
+                assert await nursery.start(validator.serve) == port
+                assert validator.url == f"ws://127.0.0.1:{port}/ws"
+            async with trio_websocket.open_websocket_url(f"ws://127.0.0.1:{port}/ws") as ws:
+                await authenticate(ws, bob)
+                assert sorted(len(v.connected_hotkeys) for v in validators) == [0, 1]
+            nursery.cancel_scope.cancel()
+
+
 def _tls_contexts() -> tuple[ssl.SSLContext, ssl.SSLContext]:
     ca = trustme.CA()
     cert = ca.issue_cert("127.0.0.1", "localhost")

@@ -7,7 +7,7 @@ import logging
 import random
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -121,6 +121,7 @@ class ValidatorWebSocketManager(Manager):
         handshake_rate: float = HANDSHAKE_RATE,
         handshake_burst: int = HANDSHAKE_BURST,
         http_routes: Mapping[str, HttpRoute] | None = None,
+        listeners: Sequence[trio.abc.Listener[Any]] | None = None,
         **overrides: Any,
     ) -> None:
         """``settings`` (default :data:`VALIDATOR_SETTINGS`) may be adjusted by
@@ -130,7 +131,11 @@ class ValidatorWebSocketManager(Manager):
         validator (reference miners name none; ours always do).
         ``handshake_rate``/``handshake_burst`` budget each hotkey's accepted
         handshakes ("too many handshakes: retry in N s" past them), as
-        ``rate_limit``/``rate_burst`` budget its frames, across reconnects."""
+        ``rate_limit``/``rate_burst`` budget its frames, across reconnects.
+
+        ``listeners``, already open (TLS already wrapped), are served instead of
+        opening ``host:port``: a port shared by several processes, say, with
+        SO_REUSEPORT. ``host`` then only names it in :attr:`url`."""
         super().__init__(
             keypair, settings=settings_from(VALIDATOR_SETTINGS, settings, overrides), features=features
         )
@@ -146,6 +151,7 @@ class ValidatorWebSocketManager(Manager):
         self.require_audience = require_audience
         self._last_games_digest: str | None = None
         self.http_routes: Mapping[str, HttpRoute] = dict(http_routes or {})
+        self._listeners = list(listeners) if listeners is not None else None
         self.listening = trio.Event()
 
     @property
@@ -223,15 +229,15 @@ class ValidatorWebSocketManager(Manager):
         Cancelling closes every connection with 1001 within about a second.
         """
         with plain_errors():
-            if self.ssl_context is not None:
-                listeners: list[Any] = await trio.open_ssl_over_tcp_listeners(
-                    self.port, self.ssl_context, host=self.host
-                )
+            listeners: list[Any]
+            if self._listeners is not None:
+                listeners = self._listeners
+            elif self.ssl_context is not None:
+                listeners = await trio.open_ssl_over_tcp_listeners(self.port, self.ssl_context, host=self.host)
             else:
                 listeners = await trio.open_tcp_listeners(self.port, host=self.host)
-            self.port = listeners[0].socket.getsockname()[1] if self.ssl_context is None else (
-                listeners[0].transport_listener.socket.getsockname()[1]
-            )
+            first: Any = getattr(listeners[0], "transport_listener", listeners[0])  # under TLS, the TCP one
+            self.port = first.socket.getsockname()[1]
             log.info("listening on %s", self.url)
             async with trio.open_nursery() as nursery:
                 await nursery.start(trio.serve_listeners, self.handle_stream, listeners)

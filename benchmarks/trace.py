@@ -16,8 +16,9 @@ step, the p50/p90/p99/max of the time since the previous one, in ms:
 * ``queued``: the handler queued it for the group commit;
 * ``decided``: the committer's decision thread has answered its group (the
   rules, against what is stored and what earlier groups decided);
-* ``db start`` / ``db done``: the write thread started / finished writing that
-  group (insert, COMMIT with its fsync), while the next group is decided;
+* ``db start`` / ``db done``: the write thread started / finished the commit
+  that took the group (insert, COMMIT with its fsync; every group decided while
+  the commit before was written shares it), while the next groups are decided;
 * ``answered``: back on the loop, the committer handed the results to the link;
 * ``sent``: the confirmation's bytes were handed to the socket (signed on the
   way, by the committer for a peer without ``batch``, by the writer for one with
@@ -178,11 +179,11 @@ class Tracer:
                         tracer.mark(pids, "db start")
                         tracer.mark(pids, "db done")
 
-            def traced_write(batch: Any) -> Any:
-                pids = [r.get("prediction_id") for results in batch.results for r in results]
+            def traced_write(batches: Any) -> Any:
+                pids = [r.get("prediction_id") for batch in batches for results in batch.results for r in results]
                 tracer.mark(pids, "db start")
                 try:
-                    return write(batch)
+                    return write(batches)
                 finally:
                     tracer.mark(pids, "db done")
 

@@ -90,6 +90,38 @@ def test_a_failed_write_fails_the_groups_decided_on_top_and_the_next_starts_from
     assert stored(vstore) == [("m", "old"), ("m", "p1")]
 
 
+def test_groups_decided_meanwhile_share_one_commit_and_a_stale_one_is_refused(
+    vstore: ValidatorStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = vstore.decide([("m", [prediction("p1")])], NOW)
+    second = vstore.decide([("n", [prediction("p1")]), ("m", [prediction("p2")])], NOW)
+    commits = []
+    real = store_mod.transaction
+
+    def counted(db: Any) -> Any:
+        commits.append(db)
+        return real(db)
+
+    monkeypatch.setattr(store_mod, "transaction", counted)
+    outcomes = vstore.write_many([first, second])
+    assert len(commits) == 1
+    assert [[[answer(r) for r in job] for job in outcome] for outcome in outcomes] == [  # type: ignore[union-attr]
+        [[("p1", "success", ACCEPTED)]],
+        [[("p1", "success", ACCEPTED)], [("p2", "success", ACCEPTED)]],
+    ]
+    assert stored(vstore) == [("m", "p1"), ("m", "p2"), ("n", "p1")]
+    # a write that fails makes the groups decided before it stale; later ones are written
+    stale = vstore.decide([("m", [prediction("p3")])], NOW)
+    monkeypatch.setattr(store_mod, "_insert_rows", lambda *args: (_ for _ in ()).throw(OSError("disk full")))
+    doomed = vstore.decide([("m", [prediction("p4")])], NOW)
+    assert isinstance(vstore.write_many([doomed])[0], OSError)
+    monkeypatch.undo()
+    fresh = vstore.decide([("m", [prediction("p5")])], NOW)
+    outcomes = vstore.write_many([stale, fresh])
+    assert isinstance(outcomes[0], StaleBatch) and not isinstance(outcomes[1], Exception)
+    assert stored(vstore) == [("m", "p1"), ("m", "p2"), ("m", "p5"), ("n", "p1")]
+
+
 def test_submit_many_is_decide_then_write(vstore: ValidatorStore) -> None:
     results = vstore.submit_many([("m", [prediction("p1")]), ("n", [prediction("p1")])], NOW)
     assert [[answer(r) for r in job] for job in results] == [[("p1", "success", ACCEPTED)]] * 2
@@ -104,7 +136,7 @@ Jobs = Sequence[tuple[str, Sequence[dict[str, Any]]]]
 
 async def test_pipelined_committer_answers_in_order_after_each_write(vstore: ValidatorStore) -> None:
     db = DbThread()
-    committer = GroupCommitter(lambda jobs: vstore.decide(jobs, NOW), db, write=vstore.write)
+    committer = GroupCommitter(lambda jobs: vstore.decide(jobs, NOW), db, write=vstore.write_many)
     answers = Answers()
     async with trio.open_nursery() as nursery:
         await nursery.start(committer.run)
@@ -145,16 +177,16 @@ async def test_a_failed_write_fails_the_group_decided_meanwhile_then_the_committ
 
     writes = 0
 
-    def write(batch: Any) -> list[list[PredictionResult]]:
+    def write(batches: Sequence[Any]) -> list[list[list[PredictionResult]] | Exception]:
         nonlocal writes, failing
         writes += 1
         if writes == 1:
             assert decided_twice.wait(10)
             try:
-                return vstore.write(batch)
+                return vstore.write_many(batches)
             finally:
                 failing = False
-        return vstore.write(batch)
+        return vstore.write_many(batches)
 
     committer = GroupCommitter(decide, DbThread(), write=write)
     answers = Answers()
@@ -176,7 +208,7 @@ async def test_a_failed_write_fails_the_group_decided_meanwhile_then_the_committ
 
 async def test_the_committer_threads_end_with_its_nursery(vstore: ValidatorStore) -> None:
     before = set(threading.enumerate())
-    committer = GroupCommitter(lambda jobs: vstore.decide(jobs, NOW), DbThread(), write=vstore.write)
+    committer = GroupCommitter(lambda jobs: vstore.decide(jobs, NOW), DbThread(), write=vstore.write_many)
     answers = Answers()
     async with trio.open_nursery() as nursery:
         await nursery.start(committer.run)

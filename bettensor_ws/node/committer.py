@@ -6,9 +6,10 @@ group grows with the load by itself, so a quiet validator adds no delay and a
 busy one pays one sync for many predictions. Each job's ``answer`` gets its
 results only after its group is durable.
 
-Given a separate ``write`` step, it is a two-stage pipeline: while one group is
-written (its insert and its fsync, mostly outside the GIL), the next group is
-decided (the rules, mostly Python) on a second thread, so the two overlap.
+Given a separate ``write`` step, it is a two-stage pipeline: while one commit is
+written (its insert and its fsync, mostly outside the GIL), the next groups are
+decided (the rules, mostly Python) on a second thread, so the two overlap; the
+groups decided meanwhile share the next commit.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ log = logging.getLogger("bettensor_ws.committer")
 
 Jobs = Sequence[tuple[str, Sequence[dict[str, Any]]]]
 SubmitMany = Callable[[Jobs], list[list[PredictionResult]]]
-Write = Callable[[Any], list[list[PredictionResult]]]
+Write = Callable[[Sequence[Any]], list[list[list[PredictionResult]] | Exception]]
+"""Stores decided groups (in one transaction); per group, its answers or why not."""
 
 
 Answer = Callable[[list[PredictionResult] | None], None]
@@ -50,8 +52,8 @@ class GroupCommitter:
     """Runs ``submit_many`` on the DB thread for groups of jobs.
 
     With ``write``, ``submit_many`` only decides (on the DB thread's decision
-    lane, returning a decided group) and ``write`` stores that group and
-    returns its answers (on the main lane), groups in order. ``queue_size``
+    lane, returning a decided group) and ``write`` stores every group decided
+    since the last commit, in order, and returns their answers (on the main lane). ``queue_size``
     bounds the jobs waiting (backpressure on the connections), ``max_group``
     the predictions in one transaction.
     """
@@ -168,29 +170,30 @@ class GroupCommitter:
             except Exception:
                 log.exception("deciding a group of %d predictions failed", size)
                 pipe.post(self._fail, jobs)
-                del jobs  # nothing of an answered group (nor the links its answers hold) is kept waiting
-                continue
-            handed = pipe.hand_over((jobs, size, decided))
-            del jobs, decided
-            if not handed:
-                return
+            else:
+                pipe.hand_over((jobs, size, decided))
+            del jobs  # nothing of an answered group (nor the links its answers hold) is kept waiting
 
     def _write_loop(self, pipe: _Pipe) -> None:
         assert self._write is not None
-        while (item := pipe.next_decided()) is not None:
-            jobs, size, decided = item
+        while items := pipe.decided():
             try:
                 with self._db.main_lock:
-                    results = self._write(decided)
-            except StaleBatch as exc:
-                log.warning("group of %d predictions not stored: %s", size, exc)
-                pipe.post(self._fail, jobs)
-            except Exception:
-                log.exception("group commit of %d predictions failed", size)
-                pipe.post(self._fail, jobs)
-            else:
-                pipe.post(self._done, jobs, size, results)
-            del item, jobs, decided
+                    outcomes = self._write([decided for _, _, decided in items])
+            except Exception as exc:  # the write step's own contract is to return them
+                outcomes = [exc] * len(items)
+            logged: set[int] = set()
+            for (jobs, size, _), outcome in zip(items, outcomes, strict=True):
+                if isinstance(outcome, Exception):
+                    if isinstance(outcome, StaleBatch):
+                        log.warning("group of %d predictions not stored: %s", size, outcome)
+                    elif id(outcome) not in logged:  # one failed commit, one log line
+                        logged.add(id(outcome))
+                        log.error("group commit of %d predictions failed", size, exc_info=outcome)
+                    pipe.post(self._fail, jobs)
+                else:
+                    pipe.post(self._done, jobs, size, outcome)
+            del items, outcomes
 
     def _fail(self, jobs: list[_Job]) -> None:
         for job in jobs:
@@ -213,8 +216,8 @@ class GroupCommitter:
 
 class _Pipe:
     """What the loop and a committer's two threads share: jobs for the decision
-    thread, one decided group at a time for the write thread, answers back to
-    the loop. One condition guards it all; every wait also ends on :meth:`stop`."""
+    thread, decided groups for the write thread, answers back to the loop. One
+    condition guards it all; every wait also ends on :meth:`stop`."""
 
     def __init__(self, token: trio.lowlevel.TrioToken, max_group: int, queue_size: int) -> None:
         self._token = token
@@ -222,7 +225,7 @@ class _Pipe:
         self.room = trio.Semaphore(queue_size)  # jobs in the threads, released as answered
         self._cv = threading.Condition()
         self._jobs: collections.deque[_Job] = collections.deque()
-        self._slot: Any = None
+        self._decided: list[Any] = []
         self._stopped = False
 
     def put(self, job: _Job) -> None:
@@ -245,31 +248,23 @@ class _Pipe:
                 size += len(jobs[-1].predictions)
             return jobs
 
-    def hand_over(self, item: Any) -> bool:
-        """Give the write thread a decided group, and wait until it starts on it:
-        the next group is decided while this one is written, never further ahead
-        (a failed write fails every group decided on top of it)."""
+    def hand_over(self, item: Any) -> None:
+        """Give the write thread a decided group: it takes every group waiting at
+        its next commit (how far decisions run ahead is bounded by :attr:`room`)."""
         with self._cv:
-            while self._slot is not None and not self._stopped:
-                self._cv.wait()
-            if self._stopped:
-                return False
-            self._slot = item
+            self._decided.append(item)
             self._cv.notify_all()
-            while self._slot is item and not self._stopped:
-                self._cv.wait()
-            return not self._stopped
 
-    def next_decided(self) -> Any:
-        """The write thread's next group; None once stopped."""
+    def decided(self) -> list[Any]:
+        """The write thread's next commit: every decided group waiting, in order
+        (at least one); empty once stopped."""
         with self._cv:
-            while self._slot is None and not self._stopped:
+            while not self._decided and not self._stopped:
                 self._cv.wait()
             if self._stopped:
-                return None
-            item, self._slot = self._slot, None
-            self._cv.notify_all()
-            return item
+                return []
+            items, self._decided = self._decided, []
+            return items
 
     def post(self, fn: Callable[..., None], jobs: list[_Job], *args: Any) -> None:
         """Run ``fn(jobs, *args)`` on the loop (from a thread), then free the jobs' room."""

@@ -10,8 +10,8 @@ commit and once per confirmation message. Each node has its own
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from typing import Any, Protocol, TypeVar
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Protocol
 
 import orjson
 import trio
@@ -59,7 +59,7 @@ COMMIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.
 WRITE_CHECK_INTERVAL = 5.0
 """Seconds a /health answer about the database's writability is reused."""
 
-T = TypeVar("T")
+WriteMany = Callable[[Sequence[Any]], list[list[list[PredictionResult]] | Exception]]
 
 
 def _json(status: int, body: dict[str, Any]) -> HttpResponse:
@@ -167,22 +167,24 @@ class ValidatorMetrics(_NodeMetrics):
         self.stored = 0
         self.refused = 0
 
-    def timed(self, commit: Callable[[T], list[list[PredictionResult]]]) -> Callable[[T], list[list[PredictionResult]]]:
-        """``commit`` (``submit_many``, or a pipelined committer's write step) that
-        observes its commit time and counts its results (it runs on the DB thread,
-        once per group)."""
+    def timed(self, write_many: WriteMany) -> WriteMany:
+        """``write_many`` that observes its commit time and counts the results of
+        what it stored (it runs on the committer's write thread, once per commit)."""
 
-        def run(jobs: T) -> list[list[PredictionResult]]:
+        def run(batches: Sequence[Any]) -> list[list[list[PredictionResult]] | Exception]:
             started = time.perf_counter()
-            results = commit(jobs)
+            outcomes = write_many(batches)
             self.commit_seconds.observe(time.perf_counter() - started)
             total = stored = 0
-            for group in results:
-                total += len(group)
-                stored += sum(1 for result in group if result.get("status") == "success")
+            for outcome in outcomes:
+                if isinstance(outcome, Exception):
+                    continue
+                for group in outcome:
+                    total += len(group)
+                    stored += sum(1 for result in group if result.get("status") == "success")
             self.stored += stored
             self.refused += total - stored
-            return results
+            return outcomes
 
         return run
 

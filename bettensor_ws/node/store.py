@@ -510,28 +510,49 @@ class ValidatorStore(_Store):
         """Store what :meth:`decide` accepted and recorded, in one transaction; the
         batch's answers, once durable. Raises (and nothing of it is stored) if it
         fails, or if a batch decided before it failed (:class:`StaleBatch`)."""
-        if batch.epoch != self._epoch:
-            raise StaleBatch("decided on top of a batch whose write failed")
-        try:
-            with transaction(self.db):
-                _insert_rows(
-                    self.db,
-                    "predictions (prediction_id, miner_hotkey, game_id, wager, predicted_outcome, "
-                    "body, received_at, day, status, message)",
-                    batch.accepted,
-                )
-                _insert_rows(
-                    self.db,
-                    "rejections (prediction_id, miner_hotkey, body, message, received_at, body_hash)",
-                    batch.refused,
-                )
-                if batch.expire_before is not None:
-                    self.db.execute("DELETE FROM rejections WHERE received_at < ?", (batch.expire_before,))
-        except BaseException:
-            self._epoch += 1  # the next decide starts again from what is on disk
-            raise
-        self._durable_seq = batch.seq
-        return batch.results
+        outcome = self.write_many([batch])[0]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    def write_many(self, batches: Sequence[_Batch]) -> list[list[list[PredictionResult]] | Exception]:
+        """:meth:`write` for batches decided one after another, in ONE transaction:
+        when the disk is slower than the decisions, the batches decided meanwhile
+        share one commit. Per batch, its answers or why it was not stored (all
+        fail together; a batch decided on top of a failed write: :class:`StaleBatch`)."""
+        epoch = self._epoch
+        fresh = [batch for batch in batches if batch.epoch == epoch]
+        outcomes: dict[int, list[list[PredictionResult]] | Exception] = {
+            id(batch): StaleBatch("decided on top of a batch whose write failed")
+            for batch in batches
+            if batch.epoch != epoch
+        }
+        if fresh:
+            try:
+                with transaction(self.db):
+                    _insert_rows(
+                        self.db,
+                        "predictions (prediction_id, miner_hotkey, game_id, wager, predicted_outcome, "
+                        "body, received_at, day, status, message)",
+                        [row for batch in fresh for row in batch.accepted],
+                    )
+                    _insert_rows(
+                        self.db,
+                        "rejections (prediction_id, miner_hotkey, body, message, received_at, body_hash)",
+                        [row for batch in fresh for row in batch.refused],
+                    )
+                    for expiry in {batch.expire_before for batch in fresh} - {None}:
+                        self.db.execute("DELETE FROM rejections WHERE received_at < ?", (expiry,))
+            except Exception as exc:
+                self._epoch += 1  # the next decide starts again from what is on disk
+                outcomes.update((id(batch), exc) for batch in fresh)
+            except BaseException:
+                self._epoch += 1
+                raise
+            else:
+                self._durable_seq = max(batch.seq for batch in fresh)
+                outcomes.update((id(batch), batch.results) for batch in fresh)
+        return [outcomes[id(batch)] for batch in batches]
 
     def _settle(self, epoch: int) -> None:
         """Before deciding: forget what a failed write left in memory, and the

@@ -66,7 +66,9 @@ class ValidatorNode(ValidatorWebSocketManager):
         self.store = ValidatorStore(db_path)
         self.db = DbThread()
         self.metrics = ValidatorMetrics(self)
-        self.committer = GroupCommitter(self.store.decide, self.db, write=self.metrics.timed(self.store.write))
+        self.committer = GroupCommitter(
+            self.store.decide, self.db, write=self.metrics.timed(self.store.write_many)
+        )
         self.http_routes = {**self.metrics.routes(), **self.http_routes}
         self.guard_keeper = GuardKeeper(self.guard, self.store, self.db)
         self._job_slots: weakref.WeakKeyDictionary[LinkConnection, trio.Semaphore] = weakref.WeakKeyDictionary()

@@ -35,9 +35,13 @@ class Signer(Protocol):
     def sign(self, data: str | bytes) -> bytes: ...
 
 
+_SIGNED_TEXT = json.JSONEncoder(sort_keys=True)
+"""``json.dumps(..., sort_keys=True)``'s encoder, made once rather than per call."""
+
+
 def signed_text(unsigned: dict[str, Any]) -> str:
     """The exact text a signature covers (reference-compatible)."""
-    return json.dumps(unsigned, sort_keys=True)
+    return _SIGNED_TEXT.encode(unsigned)
 
 
 @lru_cache(maxsize=8192)

@@ -22,7 +22,6 @@ from typing import Any
 from unittest import mock
 
 import attrs
-import orjson
 from bittensor_wallet import Keypair
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
@@ -492,20 +491,3 @@ def test_rate_limited_refusals_never_exceed_frames_sent(
     assert counted == sent - max(closes - 1, 0)
     event("closed for flooding" if closes else "rate limited" if limited else "never limited")
 
-
-_SCALAR = st.one_of(
-    st.none(),
-    st.booleans(),
-    st.integers(min_value=-(2**63), max_value=2**64 - 1),
-    st.floats(allow_nan=False, allow_infinity=False),
-    st.text(max_size=300),
-)
-
-
-@given(st.dictionaries(st.text(max_size=40), _SCALAR, max_size=40))
-def test_the_cheap_size_bound_never_undercounts_a_prediction(raw: dict[str, Any]) -> None:
-    """_check_prediction serialises a prediction only when this bound is over the
-    limit: it must never be under the real compact JSON size."""
-    from bettensor_ws.protocol.messages import _size_bound
-
-    assert _size_bound(raw) >= len(orjson.dumps(raw))

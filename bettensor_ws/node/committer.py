@@ -162,38 +162,52 @@ class GroupCommitter:
             pipe.stop()  # one thread failing stops the other
 
     def _decide_loop(self, pipe: _Pipe) -> None:
-        while (jobs := pipe.take()) is not None:
-            size = sum(len(job.predictions) for job in jobs)
-            try:
-                with self._db.decision_lock:
-                    decided = self._submit_many([(job.hotkey, job.predictions) for job in jobs])
-            except Exception:
-                log.exception("deciding a group of %d predictions failed", size)
-                pipe.post(self._fail, jobs)
-            else:
-                pipe.hand_over((jobs, size, decided))
-            del jobs  # nothing of an answered group (nor the links its answers hold) is kept waiting
+        # each group in a call of its own: once it returns, nothing of a group (nor
+        # the links its answers hold) stays bound while the thread waits for the next
+        while self._decide_one(pipe):
+            pass
+
+    def _decide_one(self, pipe: _Pipe) -> bool:
+        jobs = pipe.take()
+        if jobs is None:
+            return False
+        size = sum(len(job.predictions) for job in jobs)
+        try:
+            with self._db.decision_lock:
+                decided = self._submit_many([(job.hotkey, job.predictions) for job in jobs])
+        except Exception:
+            log.exception("deciding a group of %d predictions failed", size)
+            pipe.post(self._fail, jobs)
+        else:
+            pipe.hand_over((jobs, size, decided))
+        return True
 
     def _write_loop(self, pipe: _Pipe) -> None:
+        while self._write_one(pipe):  # as above: a call per commit, nothing kept between
+            pass
+
+    def _write_one(self, pipe: _Pipe) -> bool:
         assert self._write is not None
-        while items := pipe.decided():
-            try:
-                with self._db.main_lock:
-                    outcomes = self._write([decided for _, _, decided in items])
-            except Exception as exc:  # the write step's own contract is to return them
-                outcomes = [exc] * len(items)
-            logged: set[int] = set()
-            for (jobs, size, _), outcome in zip(items, outcomes, strict=True):
-                if isinstance(outcome, Exception):
-                    if isinstance(outcome, StaleBatch):
-                        log.warning("group of %d predictions not stored: %s", size, outcome)
-                    elif id(outcome) not in logged:  # one failed commit, one log line
-                        logged.add(id(outcome))
-                        log.error("group commit of %d predictions failed", size, exc_info=outcome)
-                    pipe.post(self._fail, jobs)
-                else:
-                    pipe.post(self._done, jobs, size, outcome)
-            del items, outcomes
+        items = pipe.decided()
+        if not items:
+            return False
+        try:
+            with self._db.main_lock:
+                outcomes = self._write([decided for _, _, decided in items])
+        except Exception as exc:  # the write step's own contract is to return them
+            outcomes = [exc] * len(items)
+        logged: set[int] = set()
+        for (jobs, size, _), outcome in zip(items, outcomes, strict=True):
+            if isinstance(outcome, Exception):
+                if isinstance(outcome, StaleBatch):
+                    log.warning("group of %d predictions not stored: %s", size, outcome)
+                elif id(outcome) not in logged:  # one failed commit, one log line
+                    logged.add(id(outcome))
+                    log.error("group commit of %d predictions failed", size, exc_info=outcome)
+                pipe.post(self._fail, jobs)
+            else:
+                pipe.post(self._done, jobs, size, outcome)
+        return True
 
     def _fail(self, jobs: list[_Job]) -> None:
         for job in jobs:

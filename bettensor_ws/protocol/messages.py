@@ -220,22 +220,6 @@ MAX_FIELDS = 32
 _SCALARS = (str, int, float, bool, type(None))
 
 
-def _size_bound(raw: dict[Any, Any]) -> int:
-    """At least the compact JSON size of ``raw``, cheaply (a character escapes to at
-    most 6; a number or a constant takes at most 32); past the limit, or for a
-    value that is not a scalar, the exact size is measured instead."""
-    bound = 2
-    for key, value in raw.items():
-        bound += 6 * len(key) + 4 if type(key) is str else MAX_PREDICTION_BYTES
-        if type(value) is str:
-            bound += 6 * len(value) + 2
-        elif value is None or type(value) in (int, float, bool):
-            bound += 32
-        else:
-            return MAX_PREDICTION_BYTES + 1
-    return bound
-
-
 def _check_prediction(raw: Any, path: str) -> None:
     if type(raw) is dict and "prediction_id" not in raw and "id" in raw:
         raw = {**raw, "prediction_id": raw["id"]}
@@ -243,10 +227,9 @@ def _check_prediction(raw: Any, path: str) -> None:
     pid = raw.get("prediction_id")
     if isinstance(pid, str) and len(pid) > MAX_ID:
         raise DecodeError(f"{path}.prediction_id: longer than {MAX_ID} characters ({len(pid)})")
-    if _size_bound(raw) > MAX_PREDICTION_BYTES:  # only then is it worth serialising to know
-        size = len(orjson.dumps(raw))
-        if size > MAX_PREDICTION_BYTES:
-            raise DecodeError(f"{path}: prediction of {size} bytes over the limit of {MAX_PREDICTION_BYTES} bytes")
+    size = len(orjson.dumps(raw))
+    if size > MAX_PREDICTION_BYTES:
+        raise DecodeError(f"{path}: prediction of {size} bytes over the limit of {MAX_PREDICTION_BYTES} bytes")
     # Every field of a prediction is a scalar, and there are few of them: nested
     # or numerous extras would cost the validator ten times their size in memory
     # while they wait for the disk.

@@ -15,6 +15,13 @@ confirmations. Prints one JSON object: the time from the signal to the last
 miner having the update (``update_last_ms``) and to the last miner having
 stored a success confirmation for every game (``last_ms``, the figure of the
 table), both on this process's clock.
+
+With ``procs`` above 1 the miners are spread over that many child processes
+(each runs this script on its share); this one waits until every child has
+its miners connected, signals the validator, tells the children the time of
+the signal and merges what they measured. Each real miner is a process on a
+machine of its own: 256 nodes in one process share one GIL, one thread pool
+and one garbage collector, which no subnet's miner does.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import os
 import resource
 import signal
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,7 +46,7 @@ from bettensor_ws.node import MinerNode
 from bettensor_ws.protocol.dispatch import Connection
 from bettensor_ws.protocol.messages import ConfirmationMessage, WebSocketMessage
 
-DEFAULTS: dict[str, Any] = {"connections": 256, "games": 40, "settle": 1.0, "timeout": 60.0}
+DEFAULTS: dict[str, Any] = {"connections": 256, "games": 40, "settle": 1.0, "timeout": 60.0, "procs": 1}
 
 
 class TimedMiner(MinerNode):
@@ -73,16 +81,17 @@ class TimedMiner(MinerNode):
             self.all_done()
 
 
-async def run(cfg: dict[str, Any]) -> dict[str, Any]:
+async def run(cfg: dict[str, Any], child: bool = False) -> dict[str, Any]:
+    """Run miners ``first`` .. ``first + connections``; a child waits to be told the signal's time."""
     if cfg.get("switch_interval"):
         sys.setswitchinterval(cfg["switch_interval"])
     validator = Keypair.create_from_uri(VALIDATOR_URI).ss58_address
     folder = Path(cfg["folder"])
-    n = cfg["connections"]
+    n, first = cfg["connections"], cfg.get("first", 0)
     miners = [
         TimedMiner(Keypair.create_from_uri(miner_uri(i)), [(validator, cfg["url"])],
                    folder / f"miner-{i}.db", want=cfg["games"])
-        for i in range(n)
+        for i in range(first, first + n)
     ]
     finished = trio.Event()
     left = n
@@ -104,10 +113,16 @@ async def run(cfg: dict[str, Any]) -> dict[str, Any]:
                 for miner in miners:
                     await miner.wait_connected()
             connect_s = time.perf_counter() - t
-            await trio.sleep(cfg["settle"])
-            cpu0 = time.process_time()
-            start = time.time()
-            os.kill(cfg["server_pid"], signal.SIGUSR1)
+            if child:
+                print("ready", flush=True)
+                line = await trio.to_thread.run_sync(sys.stdin.readline)
+                cpu0 = time.process_time()
+                start = float(line)
+            else:
+                await trio.sleep(cfg["settle"])
+                cpu0 = time.process_time()
+                start = time.time()
+                os.kill(cfg["server_pid"], signal.SIGUSR1)
             with trio.move_on_after(cfg["timeout"]):
                 await finished.wait()
             peak_cpu = time.process_time() - cpu0
@@ -116,28 +131,93 @@ async def run(cfg: dict[str, Any]) -> dict[str, Any]:
     finally:
         for miner in miners:
             miner.close()
-    updates = [m.update_at - start for m in miners if m.update_at is not None]
-    dones = [m.done_at - start for m in miners if m.done_at is not None]
-    sends = [m.sent_at_ - start for m in miners if m.sent_at_ is not None]
-    answers = [m.answered_at - start for m in miners if m.answered_at is not None]
+    return {
+        "connections": n,
+        "connect_s": connect_s,
+        "swarm_cpu_s": peak_cpu,
+        "swarm_wall_s": peak_wall,
+        "updates": [m.update_at - start for m in miners if m.update_at is not None],
+        "dones": [m.done_at - start for m in miners if m.done_at is not None],
+        "sends": [m.sent_at_ - start for m in miners if m.sent_at_ is not None],
+        "answers": [m.answered_at - start for m in miners if m.answered_at is not None],
+        "success_total": sum(m.stored for m in miners),
+    }
+
+
+def spread(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Run the miners in ``procs`` children, signal the validator once all are connected, merge."""
+    procs, n = cfg["procs"], cfg["connections"]
+    bounds = [n * k // procs for k in range(procs + 1)]
+    children = [
+        subprocess.Popen(
+            [sys.executable, __file__, "-"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )
+        for _ in range(procs)
+    ]
+    try:
+        for k, proc in enumerate(children):
+            assert proc.stdin is not None
+            proc.stdin.write(json.dumps({**cfg, "procs": 1, "child": True, "first": bounds[k],
+                                         "connections": bounds[k + 1] - bounds[k]}) + "\n")
+            proc.stdin.flush()
+        for proc in children:
+            assert proc.stdout is not None
+            if proc.stdout.readline().strip() != "ready":
+                raise RuntimeError("a swarm child failed before its miners were connected")
+        time.sleep(cfg["settle"])
+        start = time.time()
+        os.kill(cfg["server_pid"], signal.SIGUSR1)
+        for proc in children:
+            assert proc.stdin is not None
+            proc.stdin.write(f"{start!r}\n")
+            proc.stdin.flush()
+        parts = []
+        for proc in children:
+            assert proc.stdout is not None
+            part = json.loads(proc.stdout.read().strip().splitlines()[-1])
+            if not part.get("ok"):
+                raise RuntimeError(part.get("error", "a swarm child failed"))
+            parts.append(part)
+    finally:
+        for proc in children:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+    merged: dict[str, Any] = {
+        key: [v for part in parts for v in part[key]] for key in ("updates", "dones", "sends", "answers")
+    }
+    merged.update(
+        connections=n,
+        connect_s=max(part["connect_s"] for part in parts),
+        swarm_cpu_s=sum(part["swarm_cpu_s"] for part in parts),
+        swarm_wall_s=max(part["swarm_wall_s"] for part in parts),
+        success_total=sum(part["success_total"] for part in parts),
+    )
+    return merged
+
+
+def summary(cfg: dict[str, Any], raw: dict[str, Any]) -> dict[str, Any]:
+    n = raw["connections"]
+    updates, dones, sends, answers = raw["updates"], raw["dones"], raw["sends"], raw["answers"]
     return {
         "connections": n,
         "games": cfg["games"],
-        "connect_s": connect_s,
+        "procs": cfg["procs"],
+        "connect_s": raw["connect_s"],
         "update_last_ms": max(updates) * 1e3 if len(updates) == n else math.inf,
         "sent_last_ms": max(sends) * 1e3 if sends else math.nan,
         "sent_median_ms": statistics.median(sends) * 1e3 if sends else math.nan,
         "answer_last_ms": max(answers) * 1e3 if answers else math.nan,
         "answer_median_ms": statistics.median(answers) * 1e3 if answers else math.nan,
         "miners_done": len(dones),
-        # the miners' own CPU (all threads) from the signal to the last one done: each
-        # real miner has a machine of its own, here they share this one's cores
-        "swarm_cpu_s": peak_cpu,
-        "swarm_cpu_per_miner_ms": peak_cpu / n * 1e3,
-        "swarm_wall_s": peak_wall,
+        # the miners' own CPU (all threads, all processes) from the signal to the last one
+        # done: each real miner has a machine of its own, here they share this one's cores
+        "swarm_cpu_s": raw["swarm_cpu_s"],
+        "swarm_cpu_per_miner_ms": raw["swarm_cpu_s"] / n * 1e3,
+        "swarm_wall_s": raw["swarm_wall_s"],
         "median_ms": statistics.median(dones) * 1e3 if dones else math.nan,
         "last_ms": max(dones) * 1e3 if len(dones) == n else math.inf,
-        "success_total": sum(m.stored for m in miners),
+        "success_total": raw["success_total"],
     }
 
 
@@ -145,14 +225,19 @@ def main(argv: list[str]) -> int:
     if len(argv) != 2:
         print(__doc__, file=sys.stderr)
         return 2
-    cfg = {**DEFAULTS, **json.loads(sys.stdin.read() if argv[1] == "-" else argv[1])}
+    cfg = {**DEFAULTS, **json.loads(sys.stdin.readline() if argv[1] == "-" else argv[1])}
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = 8 * cfg["connections"] + 256
     if soft < want:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want if hard == resource.RLIM_INFINITY else min(want, hard), hard))
     result: dict[str, Any] = {"scenario": "gameupdate"}
     try:
-        result.update(trio.run(run, cfg))
+        if cfg.get("child"):
+            result.update(trio.run(run, cfg, True))
+        elif cfg["procs"] > 1:
+            result.update(summary(cfg, spread(cfg)))
+        else:
+            result.update(summary(cfg, trio.run(run, cfg)))
         result["ok"] = True
     except BaseException as exc:  # report, never hang or traceback into the orchestrator
         result["ok"] = False

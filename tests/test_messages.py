@@ -398,3 +398,42 @@ def test_views_survive_a_round_trip() -> None:
     decoded = decode(encode(message))
     assert isinstance(decoded, GameUpdateMessage)
     assert decoded.games == message.games
+
+
+# --------------------------------------------------------------------------- ids and nonces
+
+
+def test_new_uuid_and_nonce_are_version_4_and_never_repeat() -> None:
+    import uuid
+
+    from bettensor_ws.protocol.messages import new_nonce, new_uuid
+
+    ids = [new_uuid() for _ in range(5000)]  # crosses many 4 KiB pages of the pool
+    assert len(set(ids)) == len(ids)
+    assert all(u.version == 4 and u.variant == uuid.RFC_4122 for u in ids)
+    nonces = {new_nonce() for _ in range(5000)}
+    assert len(nonces) == 5000
+    assert all(len(n) == 32 and uuid.UUID(hex=n).version == 4 for n in nonces)
+
+
+def test_a_forked_child_never_repeats_its_parents_ids() -> None:
+    import os
+
+    from bettensor_ws.protocol.messages import new_nonce
+
+    new_nonce()  # the pool holds unused bytes when the fork happens
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next ids, to the parent
+        try:
+            os.write(write, "".join(new_nonce() for _ in range(8)).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        text = pipe.read()
+    os.waitpid(pid, 0)
+    child = {text[i : i + 32] for i in range(0, len(text), 32)}
+    parent = {new_nonce() for _ in range(8)}
+    assert len(child) == 8
+    assert not child & parent

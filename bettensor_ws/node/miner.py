@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -32,6 +31,7 @@ from ..protocol.messages import (
     GameUpdateMessage,
     PredictionMessage,
     WebSocketMessage,
+    new_uuid,
     now_iso,
     prediction_problem,
 )
@@ -68,7 +68,7 @@ def favourite_strategy(wager: float = 1.0, miner_uid: str = "0", model_name: str
             odds, outcome = min(valid, key=lambda c: c[0])
             predictions.append(
                 {
-                    "prediction_id": str(uuid.uuid4()),
+                    "prediction_id": str(new_uuid()),
                     "game_id": str(game["game_id"]),
                     "miner_uid": miner_uid,
                     "prediction_date": now_iso(),

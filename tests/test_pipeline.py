@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,15 +24,7 @@ from bettensor_ws.node.rules import DAILY_LIMIT
 from bettensor_ws.node.store import PredictionResult, StaleBatch, ValidatorStore
 
 from .test_committer import Answers
-from .test_store import ACCEPTED, NOW, answer, game, prediction
-
-
-@pytest.fixture
-def vstore(tmp_path: Path) -> Any:
-    store = ValidatorStore(tmp_path / "validator.db")
-    store.upsert_games([game("g1"), game("g2", can_tie=False)])
-    yield store
-    store.close()
+from .test_store import ACCEPTED, NOW, answer, prediction
 
 
 def stored(store: ValidatorStore) -> list[tuple[str, str]]:

@@ -86,14 +86,6 @@ def answer(result: dict[str, Any]) -> tuple[Any, str, str]:
 
 
 @pytest.fixture
-def vstore(tmp_path: Path) -> Any:
-    store = ValidatorStore(tmp_path / "validator.db")
-    store.upsert_games([game("g1"), game("g2", can_tie=False)])
-    yield store
-    store.close()
-
-
-@pytest.fixture
 def mstore(tmp_path: Path) -> Any:
     store = MinerStore(tmp_path / "miner.db")
     yield store

@@ -81,7 +81,7 @@ class TimedMiner(MinerNode):
             self.all_done()
 
 
-async def run(cfg: dict[str, Any], child: bool = False) -> dict[str, Any]:
+async def run(cfg: dict[str, Any]) -> dict[str, Any]:
     """Run miners ``first`` .. ``first + connections``; a child waits to be told the signal's time."""
     if cfg.get("switch_interval"):
         sys.setswitchinterval(cfg["switch_interval"])
@@ -113,7 +113,7 @@ async def run(cfg: dict[str, Any], child: bool = False) -> dict[str, Any]:
                 for miner in miners:
                     await miner.wait_connected()
             connect_s = time.perf_counter() - t
-            if child:
+            if cfg.get("child"):
                 print("ready", flush=True)
                 line = await trio.to_thread.run_sync(sys.stdin.readline)
                 cpu0 = time.process_time()
@@ -162,8 +162,9 @@ def spread(cfg: dict[str, Any]) -> dict[str, Any]:
             proc.stdin.flush()
         for proc in children:
             assert proc.stdout is not None
-            if proc.stdout.readline().strip() != "ready":
-                raise RuntimeError("a swarm child failed before its miners were connected")
+            line = proc.stdout.readline().strip()
+            if line != "ready":  # its one JSON line says why
+                raise RuntimeError(f"a swarm child failed before its miners were connected: {line[-300:]}")
         time.sleep(cfg["settle"])
         start = time.time()
         os.kill(cfg["server_pid"], signal.SIGUSR1)
@@ -233,7 +234,7 @@ def main(argv: list[str]) -> int:
     result: dict[str, Any] = {"scenario": "gameupdate"}
     try:
         if cfg.get("child"):
-            result.update(trio.run(run, cfg, True))
+            result.update(trio.run(run, cfg))
         elif cfg["procs"] > 1:
             result.update(summary(cfg, spread(cfg)))
         else:
